@@ -1,0 +1,164 @@
+"""The Python API behind the CLI: each function takes a typed config, writes a run folder and
+returns its results, so a notebook gets exactly what `lowbit <verb>` does."""
+
+from __future__ import annotations
+
+import ast
+import time
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from lowbit.data.datasets import Dataset, load_dataset
+from lowbit.data.loader import make_batches
+from lowbit.errors import LowbitError
+from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.formats import parse_format
+from lowbit.io import RunDir
+from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
+from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
+from lowbit.quantize.manifest import Manifest
+
+
+class DataConfig(BaseModel):
+    path: str
+    images: str | None = None  # image folder, when `path` is a COCO json elsewhere
+    max_images: int | None = None
+    seed: int | None = 0
+
+    def load(self) -> Dataset:
+        return load_dataset(self.path, self.images).subset(self.max_images, self.seed)
+
+
+class EvalConfig(BaseModel):
+    model: str
+    data: DataConfig
+    imgsz: int = 640
+    batch: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+
+
+class QuantizeConfig(BaseModel):
+    model: str
+    formats: list[str] = Field(default_factory=lambda: ["W8A8"])
+    calib: DataConfig
+    eval: DataConfig | None = None
+    imgsz: int = 640
+    calib_batch: int = 8
+    eval_batch: int = 1
+    algorithm: str = "max"
+    device: str = "cpu"
+    save: bool = True
+
+
+class SchemeRow(BaseModel):
+    scheme: str
+    effective_weight_bits: float
+    int4_share: float
+    quantize_s: float
+    checkpoint: str | None = None
+    result: EvalResult | None = None
+
+
+def demo_assets() -> dict[str, str]:
+    root = resources.files("lowbit") / "assets"
+    return {"model": str(root / "yolov10n.pt"),
+            "val": str(root / "demo-val" / "annotations" / "instances_demo-val.json"),
+            "calib": str(root / "demo-calib" / "images")}
+
+
+def layers(model: str, imgsz: int = 640) -> list[LayerInfo]:
+    return load_detector(model, imgsz).layers()
+
+
+def _onnx_names(path: Path) -> dict[int, str] | None:
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as e:
+        raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
+    if "names" in meta:  # Ultralytics writes its class names as a Python dict literal
+        return {int(k): v for k, v in ast.literal_eval(meta["names"]).items()}
+    return None
+
+
+def open_for_eval(model: str, dataset: Dataset, imgsz: int):
+    """(runnable, class names) for a .pt/.yaml, a quantized checkpoint folder or an .onnx file."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        names = _onnx_names(path) if path.is_file() else None
+        if path.is_file() and names is None:
+            names = dict(dataset.names or {})
+        return str(path), names
+    if path.is_dir():
+        net, manifest = load_quantized(path)
+        det = load_detector(manifest.model, imgsz)
+        return net, det.names
+    det = load_detector(model, imgsz)
+    return det.net, det.names
+
+
+def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> EvalResult:
+    run = RunDir(out, "eval")
+    run.write_json("config.json", cfg)
+    dataset = cfg.data.load()
+    runnable, names = open_for_eval(cfg.model, dataset, cfg.imgsz)
+    run.log.info("evaluating %s on %s (%d images)", cfg.model, dataset.source, len(dataset))
+    res = evaluate(runnable, dataset, names, cfg.imgsz, cfg.batch, cfg.device, progress=progress,
+                   model_name=cfg.model, threads=cfg.threads)
+    run.write_json("results.json", res)
+    run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
+    return res
+
+
+def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: bool = True,
+                 detector: Detector | None = None) -> list[SchemeRow]:
+    """Quantize the model to each format (uniform), save ModelOpt checkpoints, evaluate each beside FP32."""
+    formats = [parse_format(f) for f in cfg.formats]  # fail on a bad name before any slow work
+    run = RunDir(out, "quantize")
+    run.write_json("config.json", cfg)
+    det = detector or load_detector(cfg.model, cfg.imgsz)
+    det.net.to(cfg.device)
+    calib = cfg.calib.load()
+    calib_batches = make_batches(calib, cfg.imgsz, cfg.calib_batch, progress=progress)
+    evalset = cfg.eval.load() if cfg.eval else None
+    eval_batches = make_batches(evalset, cfg.imgsz, cfg.eval_batch, progress=progress) if evalset else None
+    layer_info = det.layers()
+    rows: list[SchemeRow] = []
+
+    def score(net, name):
+        if evalset is None:
+            return None
+        return evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eval_batches,
+                        progress=progress, model_name=name)
+
+    if evalset is not None:
+        rows.append(SchemeRow(scheme="FP32", effective_weight_bits=32, int4_share=0, quantize_s=0,
+                              result=score(det.net, "FP32")))
+    for fmt in formats:
+        if fmt.is_float:
+            continue
+        run.log.info("quantizing to %s", fmt.name)
+        t = time.perf_counter()
+        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm)
+        net = apply_manifest(det, manifest, calib_batches)
+        dt = time.perf_counter() - t
+        ckpt = None
+        if cfg.save:
+            ckpt = str(save_quantized(net, manifest, run.file(fmt.name.replace(":", "_"))))
+        rows.append(SchemeRow(scheme=fmt.name, effective_weight_bits=manifest.stats.effective_weight_bits,
+                              int4_share=manifest.stats.int4_share, quantize_s=dt, checkpoint=ckpt,
+                              result=score(net, fmt.name)))
+        run.write_json("results.json", rows)
+        del net
+    run.write_json("results.json", rows)
+    return rows
+
+
+def demo_config() -> QuantizeConfig:
+    a = demo_assets()
+    return QuantizeConfig(model=a["model"], formats=["W8A8", "W4A16"], calib=DataConfig(path=a["calib"]),
+                          eval=DataConfig(path=a["val"]), save=False)

@@ -1,0 +1,132 @@
+"""`lowbit` command line: parsing and printing only; the work is in lowbit.api."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Sensitivity-guided mixed-precision quantization for detectors.")
+console = Console(width=None if sys.stdout.isatty() else 130)
+
+MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
+OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
+
+
+def _data(path: str, images: Optional[str], max_images: Optional[int], seed: Optional[int]):
+    from lowbit.api import DataConfig
+
+    return DataConfig(path=path, images=images, max_images=max_images, seed=seed)
+
+
+def _table(rows) -> Table:
+    t = Table(title="lowbit results", caption="latency: model forward per image; ModelOpt fake quant runs in float, "
+              "so its PyTorch latency says nothing about deployed speed")
+    for col in ("scheme", "mAP50-95", "mAP50", "Δ vs FP32", "W bits", "INT4 share", "latency ms (p50/p90)", "runtime"):
+        t.add_column(col, justify="right" if col != "scheme" else "left")
+    base = next((r.result.map50_95 for r in rows if r.scheme == "FP32" and r.result), None)
+    for r in rows:
+        res = r.result
+        if res is None:
+            t.add_row(r.scheme, "-", "-", "-", f"{r.effective_weight_bits:.2f}", f"{r.int4_share:.0%}", "-", "-")
+            continue
+        delta = "" if base is None or r.scheme == "FP32" else f"{(res.map50_95 - base) * 100:+.1f} pt"
+        t.add_row(r.scheme, f"{res.map50_95:.3f}", f"{res.map50:.3f}", delta, f"{r.effective_weight_bits:.2f}",
+                  f"{r.int4_share:.0%}", f"{res.latency.median_ms:.1f} / {res.latency.p90_ms:.1f}", res.runtime)
+    return t
+
+
+@app.command()
+def layers(model: str = MODEL, imgsz: int = typer.Option(640, help="image size for MACs"),
+           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON")):
+    """List quantizable layers: name, type, weight shape, params, MACs."""
+    from lowbit import api
+    from lowbit.io import write_json
+
+    info = api.layers(model, imgsz)
+    t = Table(title=f"{model}: {sum(i.quantizable for i in info)} quantizable of {len(info)} conv/linear layers")
+    for col in ("#", "layer", "type", "weight shape", "params", "MMACs", "role", "quantize"):
+        t.add_column(col)
+    for i, layer in enumerate(info):
+        t.add_row(str(i), layer.name, layer.type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                  f"{layer.macs / 1e6:.1f}", layer.role, "yes" if layer.quantizable else "never")
+    console.print(t)
+    console.print(f"total params {sum(i.params for i in info):,}, GMACs {sum(i.macs for i in info) / 1e9:.2f}")
+    if json_out:
+        write_json(json_out, info)
+
+
+@app.command("eval")
+def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help="data yaml, COCO json or folder"),
+          images: Optional[str] = typer.Option(None, help="image folder for a COCO json"),
+          max_images: Optional[int] = typer.Option(None, help="deterministic subset size"),
+          seed: Optional[int] = typer.Option(0, help="subset seed"),
+          imgsz: int = 640, batch: int = 1, device: str = "cpu",
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"), out: Optional[Path] = OUT):
+    """COCO mAP (pycocotools) and latency of a PyTorch model, a quantized checkpoint or an ONNX file."""
+    from lowbit.api import EvalConfig, SchemeRow, run_eval
+
+    cfg = EvalConfig(model=model, data=_data(data, images, max_images, seed), imgsz=imgsz, batch=batch,
+                     device=device, threads=threads)
+    res = run_eval(cfg, out)
+    console.print(_table([SchemeRow(scheme=Path(model).name, effective_weight_bits=float("nan"), int4_share=0,
+                                    quantize_s=0, result=res)]))
+
+
+@app.command()
+def quantize(model: str = MODEL,
+             formats: str = typer.Option("W8A8", "--format", "-f", help="comma list, e.g. W8A8,W4A16:b64 (see `lowbit formats`)"),
+             calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
+             calib_images: Optional[int] = typer.Option(64, help="calibration subset size"),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
+             max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max", device: str = "cpu",
+             out: Optional[Path] = OUT):
+    """Uniform PTQ through ModelOpt: save a checkpoint per format, evaluate each beside FP32."""
+    from lowbit.api import QuantizeConfig, run_quantize
+
+    cfg = QuantizeConfig(model=model, formats=[f for f in formats.split(",") if f], imgsz=imgsz,
+                         calib=_data(calib, None, calib_images, 0),
+                         eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm, device=device)
+    console.print(_table(run_quantize(cfg, out)))
+
+
+@app.command()
+def formats():
+    """List the format presets."""
+    from lowbit.formats import PRESETS
+
+    t = Table(title="formats (append :pt, :pc or :b<N> to set the weight granularity)")
+    for col in ("name", "weights", "activations"):
+        t.add_column(col)
+    for f in PRESETS.values():
+        t.add_row(f.name, f.weight.label if f.weight else "float", f.act.label if f.act else "float")
+    console.print(t)
+
+
+@app.command()
+def demo(out: Optional[Path] = OUT):
+    """FP32 vs W8A8 vs W4A16 on the YOLOv10n and COCO images that lowbit carries (CPU, ~1 minute)."""
+    from lowbit.api import demo_config, run_quantize
+
+    console.print("[bold]lowbit demo[/]: YOLOv10n, 32 COCO val2017 images, calibrated on 16 train2017 images")
+    console.print(_table(run_quantize(demo_config(), out)))
+
+
+def main() -> None:
+    try:
+        if len(sys.argv) == 1:
+            sys.argv.append("demo")
+        app()
+    except LowbitError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

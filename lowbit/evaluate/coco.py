@@ -1,0 +1,112 @@
+"""COCO mAP with pycocotools, from any runner's raw output, with latency measured in the same pass."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from pydantic import BaseModel
+
+from lowbit.data.datasets import Dataset
+from lowbit.data.loader import Batch, make_batches
+from lowbit.errors import LowbitError
+from lowbit.evaluate.decode import decode
+from lowbit.evaluate.latency import Latency
+from lowbit.evaluate.runners import make_runner, timed
+from lowbit.progress import track
+
+
+class EvalResult(BaseModel):
+    model: str
+    runtime: str
+    dataset: str
+    images: int
+    imgsz: int
+    map50_95: float
+    map50: float
+    map_small: float
+    map_medium: float
+    map_large: float
+    latency: Latency
+
+
+def coco_map(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    keys = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large")
+    if not detections:
+        return dict.fromkeys(keys, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {k: coco_gt[k] for k in ("images", "annotations", "categories")}
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = [im["id"] for im in coco_gt["images"]]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+
+
+def detections_to_coco(batch: Batch, preds: list[torch.Tensor], imgsz: int, cat_ids: dict[int, int]) -> list[dict]:
+    from ultralytics.utils.ops import scale_boxes
+
+    out = []
+    for item, p in zip(batch.items, preds):
+        if not len(p):
+            continue
+        boxes = scale_boxes((imgsz, imgsz), p[:, :4].clone(), item.orig_shape).numpy()
+        for (x1, y1, x2, y2), score, cls in zip(boxes, p[:, 4].tolist(), p[:, 5].tolist()):
+            cid = cat_ids.get(int(cls))
+            if cid is None:
+                continue
+            out.append({"image_id": item.record.image_id, "category_id": cid,
+                        "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
+                                 round(float(y2 - y1), 3)], "score": round(float(score), 5)})
+    return out
+
+
+def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, batch_size: int = 1,
+             device: str = "cpu", warmup: int = 3, batches: list[Batch] | None = None,
+             progress: bool = True, model_name: str | None = None, threads: int | None = None) -> EvalResult:
+    """mAP of a detector (torch module, Detector or .onnx path) on a labelled dataset, plus latency.
+
+    Latency covers the model's forward only (no decode or NMS), per image, after `warmup` runs.
+    """
+    if not dataset.has_labels:
+        raise LowbitError(f"{dataset.source}: evaluation needs labels (a COCO json or Ultralytics labels)")
+    runner = make_runner(model, device=device, threads=threads)
+    cat_ids = dataset.category_ids(names)
+    if batches is None:
+        batches = make_batches(dataset, imgsz, batch_size, progress=progress)
+    for _ in range(warmup):
+        runner(batches[0].images)
+    dets, times = [], []
+    for b in track(batches, f"evaluating {runner.name}", enabled=progress):
+        out, dt = timed(runner, b.images)
+        if len(b.items) == batches[0].images.shape[0]:
+            times.append(dt)
+        dets.extend(detections_to_coco(b, decode(out.cpu(), len(names), imgsz), imgsz, cat_ids))
+    stats = coco_map(dataset.coco, dets)
+    lat = Latency.from_seconds(runner.name, batches[0].images.shape[0], times or [float("nan")])
+    return EvalResult(model=model_name or str(getattr(model, "source", model)), runtime=runner.name,
+                      dataset=dataset.source, images=len(dataset), imgsz=imgsz,
+                      map50_95=stats["map50_95"], map50=stats["map50"], map_small=stats["map_small"],
+                      map_medium=stats["map_medium"], map_large=stats["map_large"], latency=lat)
+
+
+def mean_ap_only(model, dataset: Dataset, names: dict[int, str], batches: list[Batch], imgsz: int = 640,
+                 device: str = "cpu") -> float:
+    """mAP50-95 alone, for inner loops (ablation) that re-evaluate many variants on fixed batches."""
+    runner = make_runner(model, device=device)
+    cat_ids = dataset.category_ids(names)
+    dets = []
+    for b in batches:
+        dets.extend(detections_to_coco(b, decode(runner(b.images).cpu(), len(names), imgsz), imgsz, cat_ids))
+    return coco_map(dataset.coco, dets)["map50_95"]
+
+
+__all__ = ["EvalResult", "coco_map", "evaluate", "mean_ap_only"]

@@ -1,0 +1,75 @@
+"""The scheme manifest: every layer's exact format, serialized. It is the contract between search
+and materialization (torchao's FqnToConfig idea: module name -> config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Format, parse_format
+from lowbit.io import read_json, write_json
+from lowbit.models.ultralytics import LayerInfo
+
+
+class SchemeStats(BaseModel):
+    quantizable_params: int
+    effective_weight_bits: float
+    int4_share: float  # share of quantizable weight parameters stored as INT4
+    mean_act_bits: float  # MAC-weighted
+    bit_ops_g: float  # sum over layers of MACs * w_bits * a_bits, in G
+    weight_mb: float  # weight storage of the quantizable layers
+
+
+class Manifest(BaseModel):
+    name: str
+    model: str
+    imgsz: int = 640
+    algorithm: str = "max"
+    layers: dict[str, Format]
+    stats: SchemeStats | None = None
+    origin: dict = Field(default_factory=dict)  # the config / search that produced it
+
+    @classmethod
+    def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max") -> "Manifest":
+        fmt = parse_format(fmt)
+        m = cls(name=fmt.name, model=model, algorithm=algorithm,
+                layers={layer.name: fmt for layer in layers if layer.quantizable},
+                origin={"kind": "uniform", "format": fmt.name})
+        m.stats = scheme_stats(m.layers, layers)
+        return m
+
+    def validate_against(self, layers: list[LayerInfo]) -> None:
+        by_name = {layer.name: layer for layer in layers}
+        for name in self.layers:
+            if name not in by_name:
+                close = [n for n in by_name if n.split(".")[-2:] == name.split(".")[-2:]][:3]
+                hint = f" (similar: {', '.join(close)})" if close else ""
+                raise LowbitError(f"manifest {self.name!r} names layer {name!r}, which the model does not have{hint}")
+            if not by_name[name].quantizable:
+                raise LowbitError(f"manifest {self.name!r} quantizes layer {name!r}, which must stay float")
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        data = read_json(path)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise LowbitError(f"{path}: not a valid lowbit manifest ({e.errors()[0]['loc']}: {e.errors()[0]['msg']})") from None
+
+
+def scheme_stats(assign: dict[str, Format], layers: list[LayerInfo]) -> SchemeStats:
+    q = [layer for layer in layers if layer.quantizable]
+    total = sum(layer.params for layer in q) or 1
+    macs = sum(layer.macs for layer in q) or 1
+    fp16 = Format(name="FP16")
+    wbits = sum(layer.params * assign.get(layer.name, fp16).w_bits for layer in q)
+    int4 = sum(layer.params for layer in q if (f := assign.get(layer.name)) and f.weight and f.weight.dtype == "int4")
+    abits = sum(layer.macs * assign.get(layer.name, fp16).a_bits for layer in q)
+    bops = sum(layer.macs * assign.get(layer.name, fp16).w_bits * assign.get(layer.name, fp16).a_bits for layer in q)
+    return SchemeStats(quantizable_params=total, effective_weight_bits=wbits / total, int4_share=int4 / total,
+                       mean_act_bits=abits / macs, bit_ops_g=bops / 1e9, weight_mb=wbits / 8 / 1e6)

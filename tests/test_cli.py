@@ -1,0 +1,55 @@
+import json
+
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_prints_a_real_table(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    for word in ("FP32", "W8A8", "W4A16", "mAP50-95"):
+        assert word in r.output
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    maps = {row["scheme"]: row["result"]["map50_95"] for row in rows}
+    assert maps["FP32"] > 0.3 and maps["W8A8"] > maps["FP32"] - 0.05 and maps["W4A16"] < 0.15  # INT4 collapses
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["formats"] == ["W8A8", "W4A16"]
+    assert (tmp_path / "run" / "run.log").stat().st_size > 0
+
+
+def test_layers_and_formats(tmp_path):
+    r = runner.invoke(app, ["layers", "-m", "yolov10n.yaml", "--imgsz", "64", "--json", str(tmp_path / "l.json")])
+    assert r.exit_code == 0 and "model.23.dfl.conv" in r.output and "never" in r.output
+    assert len(json.loads((tmp_path / "l.json").read_text())) == 83
+    assert "W4A8-FP8" in runner.invoke(app, ["formats"]).output
+
+
+def test_quantize_saves_a_checkpoint_that_eval_reads(tmp_path, assets):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W8A16", "--calib", assets["calib"],
+                            "--calib-images", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", "-m", str(out / "W8A16"), "-d", assets["val"], "--max-images", "4",
+                            "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["map50_95"] > 0.1
+
+
+def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets):
+    cases = [
+        (["eval", "-m", str(tmp_path / "none.pt"), "-d", assets["val"]], "none.pt: model file not found"),
+        (["eval", "-m", assets["model"], "-d", str(tmp_path)], "no images"),
+        (["quantize", "-m", assets["model"], "-f", "W5A5", "--calib", assets["calib"]], "unknown format 'W5A5'"),
+        (["eval", "-m", str(tmp_path / "x.onnx"), "-d", assets["val"]], "x.onnx: ONNX file not found"),
+    ]
+    from lowbit.cli import main
+    import sys
+    import pytest
+
+    for args, msg in cases:
+        sys.argv = ["lowbit", *args]
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2

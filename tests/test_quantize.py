@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import PRESETS, Format
+from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized, verify
+from lowbit.quantize.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_calib(tiny):
+    from lowbit.data.loader import Batch
+
+    g = torch.Generator().manual_seed(0)
+    return [Batch(torch.rand(2, 3, 64, 64, generator=g), [])]
+
+
+@pytest.mark.parametrize("fmt", [f for f in PRESETS if f != "FP16"] + ["W4A16:b16", "W8A8:pt"])
+def test_each_preset_quantizes_exactly_what_it_says(tiny, tiny_calib, fmt):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt)
+    net = apply_manifest(tiny, m, tiny_calib)
+    f = m.layers["model.0.conv"]
+    wq = net.get_submodule("model.0.conv").weight_quantizer
+    assert wq.is_enabled and (wq.num_bits == (4, 3) if f.weight.dtype == "fp8" else wq.num_bits == f.weight.bits)
+    iq = net.get_submodule("model.0.conv").input_quantizer
+    assert iq.is_enabled == (f.act is not None)
+    assert not any(q.is_enabled for n, q in net.named_modules() if "dfl" in n and isinstance(q, TensorQuantizer))
+    x = tiny_calib[0].images
+    with torch.no_grad():
+        ref, out = tiny.net(x)[0], net(x)[0]
+    assert torch.isfinite(out).all() and not torch.equal(ref, out)  # quantization did something
+
+
+def test_mixed_manifest_and_save_restore_round_trip(tmp_path, tiny, tiny_calib):
+    layers = tiny.quantizable_layers()
+    assign = {x.name: PRESETS["W4A16"] if i % 2 else PRESETS["W8A8"] for i, x in enumerate(layers[:10])}
+    m = Manifest(name="mixed", model="yolov10n.yaml", imgsz=64, layers=assign)
+    net = apply_manifest(tiny, m, tiny_calib)
+    save_quantized(net, m, tmp_path / "ck")
+    restored, m2 = load_quantized(tmp_path / "ck", tiny)
+    assert m2.layers == m.layers
+    x = tiny_calib[0].images
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], restored(x)[0])
+
+
+def test_verify_catches_a_wrong_format(tiny, tiny_calib):
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16")
+    net = apply_manifest(tiny, m, tiny_calib)
+    wrong = dict(m.layers)
+    wrong["model.2.cv1.conv"] = PRESETS["W4A16"]
+    with pytest.raises(LowbitError, match="layer model.2.cv1.conv: weight_quantizer"):
+        verify(net, wrong)
+    del wrong["model.2.cv1.conv"]
+    with pytest.raises(LowbitError, match="model.2.cv1.conv: weight_quantizer is enabled but the manifest keeps it float"):
+        verify(net, wrong)
+
+
+def test_manifest_errors_name_the_layer(tmp_path, tiny, tiny_calib):
+    bad = Manifest(name="bad", model="x", layers={"model.99.conv": PRESETS["W8A8"]})
+    with pytest.raises(LowbitError, match="model.99.conv"):
+        apply_manifest(tiny, bad, tiny_calib)
+    dfl = Manifest(name="dfl", model="x", layers={"model.23.dfl.conv": PRESETS["W8A8"]})
+    with pytest.raises(LowbitError, match="must stay float"):
+        apply_manifest(tiny, dfl, tiny_calib)
+    p = tmp_path / "m.json"
+    p.write_text('{"name": "x"}')
+    with pytest.raises(LowbitError, match="not a valid lowbit manifest"):
+        Manifest.load(p)
+    with pytest.raises(LowbitError, match="not a lowbit quantized checkpoint"):
+        load_quantized(tmp_path)
+
+
+def test_stats(tiny):
+    layers = tiny.layers()
+    w4 = Manifest.uniform("t", layers, "W4A16").stats
+    assert w4.effective_weight_bits == 4 and w4.int4_share == 1 and w4.mean_act_bits == 16
+    half = Manifest(name="h", model="t", layers={layers[0].name: Format(name="FP16")})
+    assert half.layers[layers[0].name].is_float
