@@ -162,3 +162,64 @@ def demo_config() -> QuantizeConfig:
     a = demo_assets()
     return QuantizeConfig(model=a["model"], formats=["W8A8", "W4A16"], calib=DataConfig(path=a["calib"]),
                           eval=DataConfig(path=a["val"]), save=False)
+
+
+class SensitivityConfig(BaseModel):
+    model: str
+    calib: DataConfig
+    methods: list[str] = Field(default_factory=lambda: ["distortion"])
+    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
+    batch: int = 8
+    imgsz: int = 640
+    device: str = "cpu"
+    layers: list[str] | None = None  # glob patterns; default: every quantizable layer
+    top_k: int = 10
+
+
+def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
+                    detector: Detector | None = None) -> dict:
+    """Score every (layer, format) with each method; resumable: re-run with the same `out` to continue."""
+    import fnmatch
+
+    from lowbit.sensitivity.base import NEEDS_LABELS, ScoreStore, SensitivityContext, fingerprint, get_method
+    from lowbit.sensitivity.report import agreement, agreement_markdown, build_report, write_report
+
+    methods = {m: get_method(m) for m in cfg.methods}
+    formats = [parse_format(f) for f in cfg.formats]
+    run = RunDir(out, "sensitivity")
+    run.write_json("config.json", cfg)
+    det = detector or load_detector(cfg.model, cfg.imgsz)
+    data = cfg.calib.load()
+    if not data.has_labels and NEEDS_LABELS & set(methods):
+        raise LowbitError(f"{data.source}: methods {sorted(NEEDS_LABELS & set(methods))} need labels; "
+                          "use a data yaml or COCO json, or the label-free methods (distortion, gradient-selfsup)")
+    layers = det.quantizable_layers()
+    if cfg.layers:
+        layers = [x for x in layers if any(fnmatch.fnmatch(x.name, p) for p in cfg.layers)]
+        if not layers:
+            raise LowbitError(f"no quantizable layer matches {cfg.layers}")
+    batches = make_batches(data, cfg.imgsz, cfg.batch, progress=progress)
+    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={"dataset": data})
+    images = [str(r.path) for r in data.images]
+    reports = {}
+    for name, method in methods.items():
+        store = ScoreStore(run.file(f"scores-{name}.jsonl"),
+                           fingerprint(cfg.model, name, cfg.formats, images, cfg.imgsz, cfg.batch, [x.name for x in layers]))
+        resumed = len(store.scores)
+        run.log.info("method %s: %d scores already done", name, resumed)
+        t = time.perf_counter()
+        # ModelOpt's auto_quantize state (calibration + scores), reusable for budgets; one per method
+        ctx.options["autoquant_checkpoint"] = str(run.file(f"autoquant-{name}.pth"))
+        method(ctx, store)
+        dt = time.perf_counter() - t
+        rep = build_report(cfg.model, name, [f.name for f in formats], layers, store.table(), len(data), cfg.imgsz,
+                           cfg.device, dt, resumed)
+        write_report(rep, run.file(name), index_csv=run.path.parent / "sensitivity-index.csv")
+        run.log.info("method %s: %.1f s", name, dt)
+        reports[name] = rep
+    if len(reports) > 1:
+        rows = agreement(list(reports.values()), cfg.top_k)
+        run.write_json("agreement.json", rows)
+        run.write_text("agreement.md", agreement_markdown(rows))
+    return reports
+

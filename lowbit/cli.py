@@ -97,6 +97,34 @@ def quantize(model: str = MODEL,
 
 
 @app.command()
+def sensitivity(model: str = MODEL,
+                calib: str = typer.Option(..., help="scoring images (labelled for gradient/ablation): data yaml, COCO json, folder"),
+                method: str = typer.Option("distortion", help="comma list: distortion, gradient, gradient-selfsup, ablation"),
+                formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="comma list of formats to score"),
+                images: Optional[int] = typer.Option(32, help="scoring images (deterministic subset)"),
+                batch: int = 8, imgsz: int = 640, device: str = "cpu",
+                layers: Optional[str] = typer.Option(None, help="comma list of layer-name globs to score"),
+                out: Optional[Path] = OUT):
+    """Per-layer sensitivity: one report (JSON, Markdown, PNG) per method; re-run with the same --out to resume."""
+    from lowbit.api import SensitivityConfig, run_sensitivity
+
+    cfg = SensitivityConfig(model=model, calib=_data(calib, None, images, 0), methods=method.split(","),
+                            formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
+                            layers=layers.split(",") if layers else None)
+    reports = run_sensitivity(cfg, out)
+    for name, rep in reports.items():
+        t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")
+        t.add_column("rank")
+        t.add_column("layer")
+        for f in rep.formats:
+            t.add_column(f"{f} score", justify="right")
+        f0 = rep.formats[0]
+        for r in sorted((r for r in rep.rows if f0 in r.scores), key=lambda r: -r.scores[f0])[:10]:
+            t.add_row(str(r.ranks[f0]), r.name, *(f"{r.scores.get(f, float('nan')):.4g}" for f in rep.formats))
+        console.print(t)
+
+
+@app.command()
 def formats():
     """List the format presets."""
     from lowbit.formats import PRESETS

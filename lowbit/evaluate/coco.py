@@ -58,6 +58,7 @@ def detections_to_coco(batch: Batch, preds: list[torch.Tensor], imgsz: int, cat_
     for item, p in zip(batch.items, preds):
         if not len(p):
             continue
+        p = p.cpu()
         boxes = scale_boxes((imgsz, imgsz), p[:, :4].clone(), item.orig_shape).numpy()
         for (x1, y1, x2, y2), score, cls in zip(boxes, p[:, 4].tolist(), p[:, 5].tolist()):
             cid = cat_ids.get(int(cls))
@@ -89,7 +90,7 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
         out, dt = timed(runner, b.images)
         if len(b.items) == batches[0].images.shape[0]:
             times.append(dt)
-        dets.extend(detections_to_coco(b, decode(out.cpu(), len(names), imgsz), imgsz, cat_ids))
+        dets.extend(detections_to_coco(b, decode(out, len(names), imgsz), imgsz, cat_ids))
     stats = coco_map(dataset.coco, dets)
     lat = Latency.from_seconds(runner.name, batches[0].images.shape[0], times or [float("nan")])
     return EvalResult(model=model_name or str(getattr(model, "source", model)), runtime=runner.name,
@@ -105,7 +106,7 @@ def mean_ap_only(model, dataset: Dataset, names: dict[int, str], batches: list[B
     cat_ids = dataset.category_ids(names)
     dets = []
     for b in batches:
-        dets.extend(detections_to_coco(b, decode(runner(b.images).cpu(), len(names), imgsz), imgsz, cat_ids))
+        dets.extend(detections_to_coco(b, decode(runner(b.images), len(names), imgsz), imgsz, cat_ids))
     return coco_map(dataset.coco, dets)["map50_95"]
 
 

@@ -25,9 +25,10 @@ def _decode_dfl(raw: torch.Tensor, nc: int, imgsz: int) -> torch.Tensor:
         raise LowbitError(f"raw output has {a} anchors; expected {sum(sizes)} for strides 8/16/32 at {imgsz}px")
     feats = [torch.zeros(1, 1, imgsz // s, imgsz // s) for s in strides]
     anchors, stride_t = make_anchors(feats, torch.tensor(strides, dtype=torch.float32), 0.5)
+    anchors, stride_t = anchors.to(raw.device), stride_t.to(raw.device)
     box, cls = raw[:, : 4 * REG_MAX], raw[:, 4 * REG_MAX:]
     dist = box.view(b, 4, REG_MAX, a).softmax(2)
-    dist = (dist * torch.arange(REG_MAX, dtype=raw.dtype).view(1, 1, REG_MAX, 1)).sum(2)
+    dist = (dist * torch.arange(REG_MAX, dtype=raw.dtype, device=raw.device).view(1, 1, REG_MAX, 1)).sum(2)
     xywh = dist2bbox(dist, anchors.transpose(0, 1).unsqueeze(0), xywh=True, dim=1) * stride_t.transpose(0, 1)
     return torch.cat([xywh, cls.sigmoid()], 1)
 

@@ -1,0 +1,39 @@
+"""Ground truth: quantize one layer alone, measure the mAP50-95 drop on labelled scoring images.
+
+Expensive (one COCO evaluation per layer and format), so it resumes from its score store.
+"""
+
+from __future__ import annotations
+
+from lowbit.evaluate.coco import mean_ap_only
+from lowbit.progress import track
+from lowbit.sensitivity.base import ScoreStore, SensitivityContext, SingleLayerProbe, register
+
+
+def _dataset_of(ctx: SensitivityContext):
+    from lowbit.data.datasets import Dataset
+
+    images = [it.record for b in ctx.batches for it in b.items]
+    ds = ctx.options["dataset"]
+    ids = {r.image_id for r in images}
+    coco = dict(ds.coco)
+    coco["images"] = [im for im in ds.coco["images"] if im["id"] in ids]
+    coco["annotations"] = [a for a in ds.coco["annotations"] if a["image_id"] in ids]
+    return Dataset(ds.name, images, ds.names, coco, ds.source)
+
+
+@register("ablation", needs_labels=True)
+def ablation(ctx: SensitivityContext, store: ScoreStore) -> None:
+    det = ctx.detector
+    ds = _dataset_of(ctx)
+    base = mean_ap_only(det.net, ds, det.names, ctx.batches, det.imgsz, ctx.device)
+    for fmt in ctx.formats:
+        todo = [layer for layer in ctx.layers if not store.done(layer.name, fmt.name)]
+        if not todo:
+            continue
+        probe = SingleLayerProbe(ctx, fmt)
+        for layer in track(todo, f"ablation {fmt.name}", enabled=ctx.progress):
+            with probe.only(layer.name) as qnet:
+                m = mean_ap_only(qnet, ds, det.names, ctx.batches, det.imgsz, ctx.device)
+            store.add(layer.name, fmt.name, (base - m) * 100, map50_95=m, base_map50_95=base)
+        del probe

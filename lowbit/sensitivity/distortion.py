@@ -1,0 +1,50 @@
+"""Label-free output distortion: quantize one layer, measure how far the raw head maps move.
+
+Measured on the head's raw maps (DFL box logits and class logits for every anchor) before any box
+selection: distortion of the final 300 boxes hides what matters (keeping the top layers of such a
+ranking at INT8 plateaued at -5.7 mAP points on YOLOv10n).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.progress import track
+from lowbit.sensitivity.base import PrefixCache, ScoreStore, SensitivityContext, SingleLayerProbe, register
+
+
+def _head_maps(out) -> tuple[torch.Tensor, torch.Tensor]:
+    preds = out[1] if isinstance(out, (tuple, list)) else out
+    if not isinstance(preds, dict) or "boxes" not in preds or "scores" not in preds:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError("distortion needs an Ultralytics detection head that returns raw 'boxes' and 'scores' maps")
+    return preds["boxes"].float(), preds["scores"].float()
+
+
+def _nmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12))
+
+
+@register("distortion")
+def distortion(ctx: SensitivityContext, store: ScoreStore) -> None:
+    dev = torch.device(ctx.device)
+    net = ctx.detector.net.to(dev)
+    cache = PrefixCache(net, [b.images.to(dev) for b in ctx.batches])
+    refs = [_head_maps(ys[-1]) for ys in cache.outputs]
+    for fmt in ctx.formats:
+        todo = [layer for layer in ctx.layers if not store.done(layer.name, fmt.name)]
+        if not todo:
+            continue
+        probe = SingleLayerProbe(ctx, fmt)
+        for layer in track(todo, f"distortion {fmt.name}", enabled=ctx.progress):
+            box_err = cls_err = 0.0
+            with probe.only(layer.name) as qnet, torch.no_grad():
+                for i, (rb, rc) in enumerate(refs):
+                    ob, oc = _head_maps(cache.run_from(qnet, PrefixCache.block_of(layer.name), i))
+                    box_err += _nmse(rb, ob)
+                    cls_err += _nmse(rc, oc)
+            n = len(ctx.batches)
+            # Both branches count: the class branch alone misses box-branch damage and vice versa.
+            store.add(layer.name, fmt.name, (box_err + cls_err) / (2 * n), box_nmse=box_err / n, cls_nmse=cls_err / n)
+        del probe
