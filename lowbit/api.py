@@ -7,7 +7,9 @@ import ast
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from lowbit.data.datasets import Dataset, load_dataset
@@ -18,7 +20,7 @@ from lowbit.formats import parse_format
 from lowbit.io import RunDir
 from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightRefine
 
 
 class DataConfig(BaseModel):
@@ -49,6 +51,7 @@ class QuantizeConfig(BaseModel):
     calib_batch: int = 8
     eval_batch: int = 1
     algorithm: str = "max"
+    weight_clip: WeightRefine = "gptq"  # "max": ModelOpt max calibration alone
     device: str = "cpu"
     save: bool = True
 
@@ -128,6 +131,7 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
     eval_batches = make_batches(evalset, cfg.imgsz, cfg.eval_batch, progress=progress) if evalset else None
     layer_info = det.layers()
     rows: list[SchemeRow] = []
+    grams: dict = {}  # output-aware clipping statistics, shared by every format
 
     def score(net, name):
         if evalset is None:
@@ -143,8 +147,8 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
             continue
         run.log.info("quantizing to %s", fmt.name)
         t = time.perf_counter()
-        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm)
-        net = apply_manifest(det, manifest, calib_batches)
+        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip)
+        net = apply_manifest(det, manifest, calib_batches, grams)
         dt = time.perf_counter() - t
         ckpt = None
         if cfg.save:
@@ -174,6 +178,7 @@ class SensitivityConfig(BaseModel):
     device: str = "cpu"
     layers: list[str] | None = None  # glob patterns; default: every quantizable layer
     top_k: int = 10
+    weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
 
 
 def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
@@ -199,7 +204,7 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         if not layers:
             raise LowbitError(f"no quantizable layer matches {cfg.layers}")
     batches = make_batches(data, cfg.imgsz, cfg.batch, progress=progress)
-    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={"dataset": data})
+    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={"dataset": data, "weight_clip": cfg.weight_clip})
     images = [str(r.path) for r in data.images]
     reports = {}
     for name, method in methods.items():
@@ -223,3 +228,25 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         run.write_text("agreement.md", agreement_markdown(rows))
     return reports
 
+
+
+class ExportConfig(BaseModel):
+    checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
+    out: str
+    parity: DataConfig | None = None  # images to compare ONNX Runtime with the fake-quant model on
+
+
+def run_export(cfg: ExportConfig):
+    """Q/DQ ONNX from a quantized checkpoint, with its TensorRT verdict and (optionally) output parity."""
+    from lowbit.export.onnx_qdq import export_qdq_onnx
+    from lowbit.io import write_json
+
+    net, manifest = load_quantized(cfg.checkpoint)
+    det = load_detector(manifest.model, manifest.imgsz)
+    images = None
+    if cfg.parity is not None:
+        images = make_batches(cfg.parity.load(), manifest.imgsz, 1)
+        images = torch.cat([b.images for b in images])
+    info = export_qdq_onnx(det.net, net, manifest, cfg.out, parity_images=images)
+    write_json(Path(cfg.out).with_suffix(".export.json"), info)
+    return info

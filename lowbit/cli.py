@@ -85,14 +85,16 @@ def quantize(model: str = MODEL,
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
              calib_images: Optional[int] = typer.Option(64, help="calibration subset size"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
-             max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max", device: str = "cpu",
-             out: Optional[Path] = OUT):
+             max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
+             clip: str = typer.Option("gptq", help="integer weight rounding: gptq, output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
+             device: str = "cpu", out: Optional[Path] = OUT):
     """Uniform PTQ through ModelOpt: save a checkpoint per format, evaluate each beside FP32."""
     from lowbit.api import QuantizeConfig, run_quantize
 
     cfg = QuantizeConfig(model=model, formats=[f for f in formats.split(",") if f], imgsz=imgsz,
                          calib=_data(calib, None, calib_images, 0),
-                         eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm, device=device)
+                         eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm,
+                         weight_clip=clip, device=device)
     console.print(_table(run_quantize(cfg, out)))
 
 
@@ -104,13 +106,14 @@ def sensitivity(model: str = MODEL,
                 images: Optional[int] = typer.Option(32, help="scoring images (deterministic subset)"),
                 batch: int = 8, imgsz: int = 640, device: str = "cpu",
                 layers: Optional[str] = typer.Option(None, help="comma list of layer-name globs to score"),
+                clip: str = typer.Option("gptq", help="integer weight rounding of probed layers: gptq, output, output+gptq or max"),
                 out: Optional[Path] = OUT):
     """Per-layer sensitivity: one report (JSON, Markdown, PNG) per method; re-run with the same --out to resume."""
     from lowbit.api import SensitivityConfig, run_sensitivity
 
     cfg = SensitivityConfig(model=model, calib=_data(calib, None, images, 0), methods=method.split(","),
                             formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
-                            layers=layers.split(",") if layers else None)
+                            layers=layers.split(",") if layers else None, weight_clip=clip)
     reports = run_sensitivity(cfg, out)
     for name, rep in reports.items():
         t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")
@@ -122,6 +125,94 @@ def sensitivity(model: str = MODEL,
         for r in sorted((r for r in rep.rows if f0 in r.scores), key=lambda r: -r.scores[f0])[:10]:
             t.add_row(str(r.ranks[f0]), r.name, *(f"{r.scores.get(f, float('nan')):.4g}" for f in rep.formats))
         console.print(t)
+
+
+@app.command()
+def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a method folder of a sensitivity run (holds layer-sensitivity-report.json)"),
+           formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="candidate formats; FP16 is always allowed"),
+           budget: Optional[str] = typer.Option(None, help="comma list of budgets (effective weight bits, or share of FP16 bit-ops with --cost bitops)"),
+           topk: Optional[str] = typer.Option(None, help="comma list of K: K most sensitive layers at --high, the rest at --low"),
+           low: str = "W4A16", high: str = "W8A16",
+           pareto: int = typer.Option(0, help="points on the damage/cost front"),
+           cost: str = typer.Option("weight_bits", help="weight_bits or bitops"),
+           no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
+           out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
+    """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
+    from lowbit.search import allocate
+    from lowbit.sensitivity.report import SensitivityReport
+
+    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost)
+    manifests = [allocate.budget(p, float(b)) for b in (budget.split(",") if budget else [])]
+    manifests += [allocate.top_k(p, int(k), low, high) for k in (topk.split(",") if topk else [])]
+    manifests += allocate.pareto(p, pareto) if pareto else []
+    if not manifests:
+        raise LowbitError("nothing to search: give --budget, --topk or --pareto")
+    t = Table(title=f"schemes from {p.report.method} sensitivity ({len(p.layers)} layers)")
+    for col in ("manifest", "INT4 share", "eff. W bits", "mean A bits", "predicted damage"):
+        t.add_column(col)
+    for m in manifests:
+        path = m.save(out / f"{m.name}.json")
+        t.add_row(str(path), f"{m.stats.int4_share:.0%}", f"{m.stats.effective_weight_bits:.2f}",
+                  f"{m.stats.mean_act_bits:.1f}", f"{m.origin['predicted_damage']:.4g}")
+    console.print(t)
+
+
+@app.command()
+def study(config: Path = typer.Option(..., "--config", "-c", help="study yaml (see configs/)"), out: Optional[Path] = OUT):
+    """Baseline -> sensitivity -> schemes -> materialize -> evaluate -> report; cached stages, so re-runs redo only what changed."""
+    from lowbit.study import StudyConfig, run_study
+
+    cfg = StudyConfig.load(config)
+    summary = run_study(cfg, out)
+    t = Table(title=f"study {cfg.name}")
+    for col in ("scheme", "kind", "mAP50-95", "Δ points", "INT4", "W bits"):
+        t.add_column(col)
+    for r in summary["rows"]:
+        t.add_row(r["scheme"], r["kind"], f"{r['map50_95']:.4f}", f"{-r['drop_points']:+.2f}", f"{r['int4_share']:.0%}",
+                  f"{r['effective_weight_bits']:.2f}")
+    console.print(t)
+    console.print(f"recommended: {summary['recommended']}; evaluated {summary['work']['evaluated']} schemes, "
+                  f"{summary['work']['cached']} from cache")
+
+
+@app.command()
+def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowbit checkpoint folder"),
+           out: Path = typer.Option(..., "--out", "-o", help="the .onnx to write"),
+           parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
+           parity_images: int = 4):
+    """Q/DQ ONNX (INT8/INT4/FP8 as the manifest says) that ONNX Runtime runs; says whether TensorRT can build it."""
+    from lowbit.api import ExportConfig, run_export
+
+    info = run_export(ExportConfig(checkpoint=str(checkpoint), out=str(out),
+                                   parity=_data(parity, None, parity_images, 0) if parity else None))
+    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB): weights {info.weight_dtypes}, "
+                  f"{info.activation_qdq} activation Q/DQ pairs")
+    console.print(f"TensorRT: {'buildable' if info.tensorrt_buildable else 'not buildable'} ({info.tensorrt_reason})")
+    if info.parity_max_abs is not None:
+        console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
+
+
+@app.command()
+def bench(models: list[Path] = typer.Argument(..., help="one or more .onnx files"),
+          threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the runtime's)"),
+          reps: int = 30, out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON")):
+    """Batch latency (warm-up, median, p90) of ONNX models on every runtime present; absent ones are listed as absent."""
+    from lowbit.evaluate.bench import bench as run_bench
+    from lowbit.io import write_json
+
+    t = Table(title="lowbit bench")
+    for col in ("model", "runtime", "batch", "median ms", "p90 ms", "images/s", "note"):
+        t.add_column(col)
+    everything = {}
+    for m in models:
+        rows = run_bench(m, threads, reps=reps)
+        everything[str(m)] = rows
+        for r in rows:
+            t.add_row(m.name, r.runtime, str(r.batch), f"{r.median_ms:.1f}" if r.median_ms else "-",
+                      f"{r.p90_ms:.1f}" if r.p90_ms else "-", f"{r.throughput_ips:.1f}" if r.throughput_ips else "-", r.note)
+    console.print(t)
+    if out:
+        write_json(out, everything)
 
 
 @app.command()

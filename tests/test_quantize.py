@@ -19,7 +19,7 @@ def tiny_calib(tiny):
 def test_each_preset_quantizes_exactly_what_it_says(tiny, tiny_calib, fmt):
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt)
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weight_clip="max")  # ModelOpt's formats, exactly
     net = apply_manifest(tiny, m, tiny_calib)
     f = m.layers["model.0.conv"]
     wq = net.get_submodule("model.0.conv").weight_quantizer
@@ -29,8 +29,10 @@ def test_each_preset_quantizes_exactly_what_it_says(tiny, tiny_calib, fmt):
     assert not any(q.is_enabled for n, q in net.named_modules() if "dfl" in n and isinstance(q, TensorQuantizer))
     x = tiny_calib[0].images
     with torch.no_grad():
-        ref, out = tiny.net(x)[0], net(x)[0]
-    assert torch.isfinite(out).all() and not torch.equal(ref, out)  # quantization did something
+        assert torch.isfinite(net(x)[0]).all()
+        # the random-weight tiny model's final outputs are near-constant; its first conv shows the change
+        ref, out = tiny.net.get_submodule("model.0.conv")(x), net.get_submodule("model.0.conv")(x)
+    assert not torch.equal(ref, out)
 
 
 def test_mixed_manifest_and_save_restore_round_trip(tmp_path, tiny, tiny_calib):
@@ -47,7 +49,7 @@ def test_mixed_manifest_and_save_restore_round_trip(tmp_path, tiny, tiny_calib):
 
 
 def test_verify_catches_a_wrong_format(tiny, tiny_calib):
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16")
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16", weight_clip="max")
     net = apply_manifest(tiny, m, tiny_calib)
     wrong = dict(m.layers)
     wrong["model.2.cv1.conv"] = PRESETS["W4A16"]
@@ -79,3 +81,27 @@ def test_stats(tiny):
     assert w4.effective_weight_bits == 4 and w4.int4_share == 1 and w4.mean_act_bits == 16
     half = Manifest(name="h", model="t", layers={layers[0].name: Format(name="FP16")})
     assert half.layers[layers[0].name].is_float
+
+
+@pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.22.m.0.cv1.2.conv"])  # dense 3x3; depthwise 7x7
+def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, name):
+    from lowbit.quantize.clip_search import _fake_quant
+    from lowbit.quantize.gptq import gptq_weight
+
+    conv = yolov10n.net.get_submodule(name)
+    w = conv.weight.detach()
+    g = torch.Generator().manual_seed(0)
+    k = w[0].numel()
+    x = torch.randn(conv.groups, k, 8 * k, generator=g) * torch.rand(1, k, 1, generator=g) * 3  # uneven inputs
+    h = x @ x.transpose(1, 2) / x.shape[-1]
+    amax = w.reshape(w.shape[0], -1).abs().amax(1)
+    wf = w.reshape(w.shape[0], -1)
+    plain = _fake_quant(wf, amax[:, None], 4)
+    gq = gptq_weight(w, h, amax, 4).reshape(wf.shape)
+    gidx = torch.arange(w.shape[0]) // (w.shape[0] // conv.groups)
+
+    def out_err(q):
+        return sum(((q - wf)[gidx == i] @ x[i]).pow(2).sum() for i in range(conv.groups))
+
+    assert torch.allclose(_fake_quant(gq, amax[:, None], 4), gq, atol=1e-6)  # on ModelOpt's grid
+    assert out_err(gq) < 0.8 * out_err(plain)

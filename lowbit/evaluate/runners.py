@@ -46,13 +46,20 @@ class OrtRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        suffix = ""
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:
-            raise LowbitError(f"{path}: ONNX Runtime cannot load this model ({e})") from None
+            if "float8" not in str(e):
+                raise LowbitError(f"{path}: ONNX Runtime cannot load this model ({e})") from None
+            # ORT's CPU QDQ fusion turns FP8 Q/DQ + Conv into QLinearConv, which has no FP8 kernel;
+            # basic optimization keeps the Q/DQ pairs and runs them as simulation.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            suffix = "-basicopt"
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = self.session.get_inputs()[0].shape
-        self.name = f"ort-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}"
+        self.name = f"ort-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}{suffix}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})

@@ -72,12 +72,15 @@ def verify(net: torch.nn.Module, assign: dict[str, Format]) -> None:
             raise LowbitError(f"layer {layer}: ModelOpt did not convert it to a quantized module")
 
 
-def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, inplace: bool = False) -> torch.nn.Module:
-    """A fake-quantized copy of the detector's network, calibrated on `calib_batches`, verified."""
+def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_cache: dict | None = None) -> torch.nn.Module:
+    """A fake-quantized copy of the detector's network, calibrated on `calib_batches`, verified.
+
+    Pass the same `gram_cache` dict to repeated calls on one model and calibration set: output-aware
+    clipping then collects each layer's input statistics once."""
     import modelopt.torch.quantization as mtq
 
     manifest.validate_against(list_layers(detector.net, detector.imgsz))
-    net = detector.net if inplace else copy.deepcopy(detector.net)
+    net = copy.deepcopy(detector.net)
     dev = next(net.parameters()).device
     if not calib_batches and any(f.act is not None for f in manifest.layers.values()):
         raise LowbitError("activation quantization needs calibration images (none were given)")
@@ -89,6 +92,10 @@ def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, inplac
 
     with contextlib.redirect_stdout(io.StringIO()):
         net = mtq.quantize(net, quant_cfg(manifest.layers, manifest.algorithm), forward_loop=forward_loop)
+    if manifest.weight_clip != "max":
+        from lowbit.quantize.clip_search import refine_weights
+
+        refine_weights(net, detector.net, manifest.layers, calib_batches, manifest.weight_clip, gram_cache)
     verify(net, manifest.layers)
     return net.eval()
 

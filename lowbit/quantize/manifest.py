@@ -4,12 +4,17 @@ and materialization (torchao's FqnToConfig idea: module name -> config)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, parse_format
 from lowbit.io import read_json, write_json
+
+# How integer weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel
+# clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both.
+WeightRefine = Literal["max", "output", "gptq", "output+gptq"]
 from lowbit.models.ultralytics import LayerInfo
 
 
@@ -26,15 +31,17 @@ class Manifest(BaseModel):
     name: str
     model: str
     imgsz: int = 640
-    algorithm: str = "max"
+    algorithm: str = "max"  # ModelOpt calibration algorithm
+    weight_clip: WeightRefine = "gptq"
     layers: dict[str, Format]
     stats: SchemeStats | None = None
     origin: dict = Field(default_factory=dict)  # the config / search that produced it
 
     @classmethod
-    def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max") -> "Manifest":
+    def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",
+                weight_clip: str = "gptq") -> "Manifest":
         fmt = parse_format(fmt)
-        m = cls(name=fmt.name, model=model, algorithm=algorithm,
+        m = cls(name=fmt.name, model=model, algorithm=algorithm, weight_clip=weight_clip,
                 layers={layer.name: fmt for layer in layers if layer.quantizable},
                 origin={"kind": "uniform", "format": fmt.name})
         m.stats = scheme_stats(m.layers, layers)

@@ -105,9 +105,14 @@ class SingleLayerProbe:
                 for b in ctx.calibration:
                     model(b.images.to(dev))
 
+        assign = {layer.name: fmt for layer in ctx.layers}
         with contextlib.redirect_stdout(io.StringIO()):
-            self.net = mtq.quantize(self.net, quant_cfg({layer.name: fmt for layer in ctx.layers}),
-                                    forward_loop=forward_loop)
+            self.net = mtq.quantize(self.net, quant_cfg(assign), forward_loop=forward_loop)
+        clip = ctx.options.get("weight_clip", "max")
+        if clip != "max":  # probe the format as it will be materialized
+            from lowbit.quantize.clip_search import refine_weights
+
+            refine_weights(self.net, ctx.detector.net, assign, ctx.calibration, clip)
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
                                                     for a in ("weight_quantizer", "input_quantizer"))
                                         if q is not None and q.is_enabled] for layer in ctx.layers}

@@ -120,4 +120,18 @@ def gradient_selfsup(ctx: SensitivityContext, store: ScoreStore) -> None:
     _gradient(ctx, store, self_supervised=True)
 
 
-__all__ = ["format_cfg", "run_auto_quantize", "scores_from_state"]
+
+def modelopt_choice(ctx: SensitivityContext, effective_bits: float, checkpoint: str | None = None,
+                    self_supervised: bool = False) -> dict[str, Format]:
+    """ModelOpt auto_quantize's own per-layer choice at `effective_bits` (with a checkpoint, its
+    calibration and scores are reused and only the solve reruns)."""
+    _, state = run_auto_quantize(ctx, self_supervised, effective_bits, checkpoint)
+    names = {f"CUSTOM_{i}": f for i, f in enumerate(ctx.formats)}
+    out = {}
+    for hparam, recipe in state["best"]["recipe"].items():
+        fmt = names.get(str(recipe).split("(")[0])
+        if fmt is None:
+            continue
+        for module in state["candidate_stats"][hparam]["module_names"]:
+            out[module] = fmt
+    return out

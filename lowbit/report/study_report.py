@@ -1,0 +1,145 @@
+"""The study report: one table of every scheme, a CSV, the Pareto plot, the recommended scheme's
+per-layer bit map, and the decision rule."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from lowbit.io import atomic_write_bytes, atomic_write_text
+
+KIND_STYLE = {"fp32": ("k", "*"), "uniform": ("tab:gray", "s"), "budget": ("tab:blue", "o"), "topk": ("tab:green", "^"),
+              "pareto": ("tab:blue", "o"), "random": ("tab:red", "x"), "modelopt": ("tab:purple", "D"), "manifest": ("tab:orange", "P")}
+
+
+def _rows(results) -> list[dict]:
+    base = results[0].result.map50_95
+    rows = []
+    for r in results:
+        s, res = r.manifest.stats, r.result
+        kind = "fp32" if r.manifest.name == "FP32" else r.manifest.origin.get("kind", "manifest")
+        rows.append({"scheme": r.manifest.name, "kind": kind, "map50_95": res.map50_95, "map50": res.map50,
+                     "drop_points": (base - res.map50_95) * 100, "int4_share": s.int4_share if s else 0.0,
+                     "effective_weight_bits": 32.0 if kind == "fp32" else (s.effective_weight_bits if s else 16.0),
+                     "mean_act_bits": 32.0 if kind == "fp32" else (s.mean_act_bits if s else 16.0),
+                     "weight_mb": s.weight_mb * (2 if kind == "fp32" else 1) if s else 0.0,
+                     "predicted_damage": r.manifest.origin.get("predicted_damage"),
+                     "latency_ms": res.latency.median_ms, "runtime": res.runtime})
+    return rows
+
+
+def decide(rows: list[dict], max_drop: float) -> dict | None:
+    """Fewest effective weight bits among schemes within `max_drop` mAP points of FP32 (random baselines excluded)."""
+    ok = [r for r in rows if r["kind"] not in ("fp32", "random") and r["drop_points"] <= max_drop]
+    return min(ok, key=lambda r: (r["effective_weight_bits"], r["drop_points"])) if ok else None
+
+
+def _pareto_png(rows: list[dict], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = [r for r in rows if r["kind"] != "fp32"]
+    for kind in sorted({r["kind"] for r in pts}):
+        color, marker = KIND_STYLE.get(kind, ("k", "."))
+        sel = [r for r in pts if r["kind"] == kind]
+        ax.scatter([r["effective_weight_bits"] for r in sel], [r["map50_95"] for r in sel], c=color, marker=marker,
+                   label=kind, s=40)
+    front, best = [], -1.0
+    for r in sorted((r for r in pts if r["kind"] != "random"), key=lambda r: r["effective_weight_bits"]):
+        if r["map50_95"] > best:
+            front.append(r)
+            best = r["map50_95"]
+    ax.plot([r["effective_weight_bits"] for r in front], [r["map50_95"] for r in front], "k--", lw=0.8, label="front")
+    fp = rows[0]["map50_95"]
+    ax.axhline(fp, color="k", lw=0.8, label=f"FP32 {fp:.3f}")
+    ax.axhline(fp - 0.01, color="k", lw=0.5, ls=":", label="FP32 - 1 point")
+    ax.set_xlabel("effective weight bits (parameter-weighted)")
+    ax.set_ylabel("COCO mAP50-95")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _bitmap_png(manifest, layers) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    names = sorted({f.name for f in manifest.layers.values()} | {"FP16"})
+    cmap = plt.get_cmap("tab10")
+    color = {n: cmap(i) for i, n in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(max(10, len(layers) * 0.14), 2.8))
+    for i, layer in enumerate(layers):
+        f = manifest.layers.get(layer.name)
+        ax.bar(i, layer.params, color=color[f.name if f else "FP16"], width=0.9)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (network order); bar height = parameters")
+    ax.set_title(f"per-layer formats of {manifest.name}")
+    ax.legend(handles=[Patch(color=color[n], label=n) for n in names], fontsize=8, ncol=len(names))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_study_report(cfg, results, reports, folder: Path) -> dict:
+    rows = _rows(results)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(folder / "schemes.csv", buf.getvalue())
+    atomic_write_bytes(folder / "pareto.png", _pareto_png(rows, f"{Path(cfg.model).name}: accuracy vs weight bits"))
+    decisions = {d: decide(rows, d) for d in cfg.max_drop_points}
+    recommended = next((r for r in decisions.values() if r), None)
+    lines = [f"# lowbit study: {cfg.name}", "",
+             f"Model `{cfg.model}`; evaluated on `{cfg.eval.path}` ({results[0].result.images} images, pycocotools); "
+             f"calibration and sensitivity on `{cfg.calib.path}`; {cfg.device}.", "",
+             "| scheme | kind | mAP50-95 | mAP50 | Δ points | INT4 share | eff. W bits | mean A bits | weights MB | predicted damage |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pdmg = "" if r["predicted_damage"] is None else f"{r['predicted_damage']:.3g}"
+        lines.append(f"| {r['scheme']} | {r['kind']} | {r['map50_95']:.4f} | {r['map50']:.4f} | {-r['drop_points']:+.2f} | "
+                     f"{r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | {r['mean_act_bits']:.1f} | "
+                     f"{r['weight_mb']:.2f} | {pdmg} |")
+    lines += ["", "![accuracy vs weight bits](pareto.png)", "", "## Which scheme to pick", ""]
+    for d, r in decisions.items():
+        lines.append(f"- Within {d:g} mAP point(s) of FP32, fewest weight bits: "
+                     + (f"**{r['scheme']}** ({r['effective_weight_bits']:.2f} bits, {r['int4_share']:.0%} INT4, "
+                        f"{-r['drop_points']:+.2f} points)" if r else "none of the evaluated schemes"))
+    if recommended:
+        m = next(x.manifest for x in results if x.manifest.name == recommended["scheme"])
+        layers = next(iter(reports.values())).rows if reports else []
+        if layers:
+            atomic_write_bytes(folder / "recommended-bitmap.png", _bitmap_png(m, layers))
+            lines += ["", f"![per-layer formats of {m.name}](recommended-bitmap.png)"]
+        m.save(folder / "recommended-manifest.json")
+    lines += ["", "Latency here is the PyTorch forward of ModelOpt's fake quantization, which computes in float: it "
+              "does not show deployed speed."]
+    atomic_write_text(folder / "study-report.md", "\n".join(lines) + "\n")
+    return {"rows": rows, "decisions": {str(k): v for k, v in decisions.items()},
+            "recommended": recommended["scheme"] if recommended else None}
+
+
+def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
+    e = out["export"]
+    text = (folder / "study-report.md").read_text() + "\n".join([
+        "", "## Deployable artifact", "",
+        f"`recommended.onnx` ({e['size_mb']:.2f} MB): **{scheme}** as standard Q/DQ operators (opset 21); weights "
+        f"{e['weight_dtypes']}, {e['activation_qdq']} activation Q/DQ pairs.", "",
+        f"- ONNX Runtime ({out['runtime']}) mAP50-95 {out['ort_map50_95']:.4f} vs PyTorch fake quant "
+        f"{out['torch_map50_95']:.4f} (Δ {out['ort_map50_95'] - out['torch_map50_95']:+.4f})",
+        f"- raw-output parity on 4 calibration images: max |Δ| {e['parity_max_abs']:.3g}, mean |Δ| {e['parity_mean_abs']:.3g}",
+        f"- TensorRT: {'buildable' if e['tensorrt_buildable'] else 'not buildable'}: {e['tensorrt_reason']}", ""])
+    atomic_write_text(folder / "study-report.md", text)

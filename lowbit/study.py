@@ -1,0 +1,255 @@
+"""The one-command study: baseline -> sensitivity -> schemes -> materialize -> evaluate -> report.
+
+Each stage's output lives under `<out>/cache/<stage>-<hash>/`, the hash covering the stage's inputs
+and everything upstream of it, so a re-run after a crash, or with one setting changed, redoes only
+the stages whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from lowbit.api import DataConfig, SensitivityConfig, run_sensitivity
+from lowbit.data.loader import make_batches
+from lowbit.errors import LowbitError
+from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.io import RunDir, read_json, write_json
+from lowbit.models.ultralytics import load_detector
+from lowbit.quantize.apply import apply_manifest, save_quantized
+from lowbit.quantize.manifest import Manifest, WeightRefine
+from lowbit.search import allocate
+from lowbit.sensitivity.base import fingerprint
+from lowbit.sensitivity.report import SensitivityReport
+
+
+class SearchSpec(BaseModel):
+    method: str = "gradient"  # which sensitivity report drives the allocation
+    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
+    allow_fp16: bool = True
+    cost: str = "weight_bits"
+    budgets: list[float] = Field(default_factory=lambda: [5.0, 5.6, 6.0])
+    topk: list[int] = Field(default_factory=list)
+    topk_low: str = "W4A16"
+    topk_high: str = "W8A16"
+    pareto_points: int = 0
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    modelopt_budgets: list[float] = Field(default_factory=list)  # ModelOpt auto_quantize's own choice
+
+
+class SensitivitySpec(BaseModel):
+    """The study's sensitivity stage; model, images, size and device come from the study itself."""
+
+    methods: list[str] = Field(default_factory=lambda: ["gradient"])
+    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
+    batch: int = 8
+    layers: list[str] | None = None
+
+
+class StudyConfig(BaseModel):
+    name: str = "study"
+    model: str
+    calib: DataConfig
+    eval: DataConfig
+    imgsz: int = 640
+    device: str = "cpu"
+    eval_batch: int = 8
+    sensitivity: SensitivitySpec | None = None  # default: the search method on the search formats
+    search: list[SearchSpec] = Field(default_factory=lambda: [SearchSpec()])  # one search per spec
+    uniform: list[str] = Field(default_factory=lambda: ["W8A8", "W8A16", "W4A16"])
+    schemes: list[str] = Field(default_factory=list)  # extra manifest files to evaluate
+    max_drop_points: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
+    export_onnx: bool = True  # Q/DQ ONNX of the recommended scheme, checked with ONNX Runtime
+    save_checkpoints: bool = False
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, dict) else v
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StudyConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise LowbitError(f"{path}: study config not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+            if not isinstance(raw, dict):
+                raise LowbitError(f"{path}: a study config is a yaml mapping")
+            # Paths in a config are relative to the config file, so a config travels with its data.
+            resolve = lambda v: str((path.parent / v).resolve()) if (path.parent / v).exists() else v  # noqa: E731
+            if isinstance(raw.get("model"), str):
+                raw["model"] = resolve(raw["model"])
+            for key in ("calib", "eval"):
+                if isinstance(raw.get(key), dict) and isinstance(raw[key].get("path"), str):
+                    raw[key]["path"] = resolve(raw[key]["path"])
+            raw["schemes"] = [resolve(s) for s in raw.get("schemes", [])]
+            return cls.model_validate(raw)
+        except yaml.YAMLError as e:
+            raise LowbitError(f"{path}: malformed yaml ({e})") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise LowbitError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+class SchemeResult(BaseModel):
+    manifest: Manifest
+    result: EvalResult
+    seconds: float
+
+
+class Stage:
+    def __init__(self, root: Path, name: str, *inputs):
+        self.key = fingerprint(name, *inputs)
+        self.path = root / "cache" / f"{name}-{self.key}"
+        self.done = (self.path / "DONE").is_file()
+
+    def finish(self) -> None:
+        (self.path / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+
+def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    from lowbit.report.study_report import write_study_report
+
+    run = RunDir(out, "study")
+    run.write_json("config.json", cfg)
+    log = run.log
+    det = load_detector(cfg.model, cfg.imgsz)
+    det.net.to(cfg.device)
+    calib = cfg.calib.load()
+    evalset = cfg.eval.load()
+    data_key = (cfg.model, cfg.imgsz, [str(r.path) for r in calib.images], [str(r.path) for r in evalset.images])
+    calib_batches = eval_batches = None
+    work = {"evaluated": 0, "cached": 0}
+    grams: dict = {}  # output-aware clipping statistics, shared by every scheme
+
+    def batches():
+        nonlocal calib_batches, eval_batches
+        if calib_batches is None:
+            calib_batches = make_batches(calib, cfg.imgsz, 8, progress=progress)
+            eval_batches = make_batches(evalset, cfg.imgsz, cfg.eval_batch, progress=progress)
+        return calib_batches, eval_batches
+
+    def evaluate_scheme(m: Manifest | None) -> SchemeResult:
+        st = Stage(run.path, "eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32")
+        if st.done:
+            work["cached"] += 1
+            res = SchemeResult.model_validate(read_json(st.path / "result.json"))
+            if m is not None:
+                res.manifest = m
+            return res
+        cb, eb = batches()
+        t = time.perf_counter()
+        net = det.net if m is None else apply_manifest(det, m, cb, grams)
+        res = evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eb,
+                       progress=progress, model_name=m.name if m else "FP32")
+        manifest = m or Manifest(name="FP32", model=cfg.model, layers={})
+        out = SchemeResult(manifest=manifest, result=res, seconds=time.perf_counter() - t)
+        if m is not None and cfg.save_checkpoints:
+            save_quantized(net, m, st.path / "checkpoint")
+        write_json(st.path / "result.json", out)
+        st.finish()
+        work["evaluated"] += 1
+        log.info("%s: mAP50-95 %.4f (%.1f s)", manifest.name, res.map50_95, out.seconds)
+        return out
+
+    baseline = evaluate_scheme(None)
+    baseline.manifest.stats = Manifest.uniform(cfg.model, det.layers(), "FP16").stats
+    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip)
+                                 for f in cfg.uniform]
+
+    reports: dict[str, SensitivityReport] = {}
+    sens_dir = None
+    searches = cfg.search
+    if cfg.sensitivity is not None or any(s.budgets or s.topk or s.pareto_points for s in searches):
+        formats = list(dict.fromkeys(f for s in searches for f in s.formats))
+        methods = list(dict.fromkeys(s.method for s in searches))
+        spec = cfg.sensitivity or SensitivitySpec(methods=methods, formats=formats)
+        scfg = SensitivityConfig(model=cfg.model, calib=cfg.calib, imgsz=cfg.imgsz, device=cfg.device,
+                                 weight_clip=cfg.weight_clip, **spec.model_dump())
+        st = Stage(run.path, "sensitivity", scfg.model_dump(mode="json"), data_key)
+        sens_dir = st.path if "gradient" in scfg.methods else None
+        if st.done:
+            reports = {m: SensitivityReport.load(st.path / m) for m in scfg.methods}
+        else:
+            reports = run_sensitivity(scfg, st.path, progress=progress, detector=det)
+            st.finish()
+        for spec_i in searches:
+            reuse = sens_dir if spec_i.formats == scfg.formats else None  # ModelOpt checks the formats match
+            manifests += _search(cfg, spec_i, reports, det, batches, run.path, data_key, reuse)
+    manifests += [Manifest.load(s) for s in cfg.schemes]
+
+    results = [baseline] + [evaluate_scheme(m) for m in manifests]
+    summary = write_study_report(cfg, results, reports, run.path)
+    if cfg.export_onnx and summary["recommended"]:
+        summary["onnx"] = _export_recommended(cfg, det, results, summary, batches, evalset, run, progress)
+    summary["work"] = work
+    run.write_json("summary.json", summary)
+    return summary
+
+
+def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, data_key, sens_dir) -> list[Manifest]:
+    if s.method not in reports:
+        raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
+    p = allocate.Problem(reports[s.method], s.formats, s.allow_fp16, s.cost, weight_clip=cfg.weight_clip)
+    searched = [allocate.budget(p, b) for b in s.budgets]
+    searched += [allocate.top_k(p, k, s.topk_low, s.topk_high) for k in s.topk]
+    searched += allocate.pareto(p, s.pareto_points) if s.pareto_points else []
+    out = list(searched)
+    for m in [m for m in searched if m.origin["kind"] == "budget"]:
+        out += [allocate.random_like(p, m, s.topk_low, s.topk_high, seed) for seed in s.random_seeds]
+    if s.modelopt_budgets:
+        out += _modelopt_manifests(cfg, s, det, p, batches()[0], root, data_key, sens_dir)
+    return out
+
+
+def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_batches, root: Path, data_key,
+                        sens_dir: Path | None) -> list[Manifest]:
+    """ModelOpt auto_quantize's own allocation at each budget, from one cached scoring pass (the
+    sensitivity stage's, when it ran the gradient method on the same formats)."""
+    import shutil
+
+    from lowbit.formats import parse_format
+    from lowbit.sensitivity.base import SensitivityContext
+    from lowbit.sensitivity.gradient import modelopt_choice
+
+    st = Stage(root, "modelopt-autoquant", data_key, s.formats)
+    st.path.mkdir(parents=True, exist_ok=True)
+    scored = sens_dir / "autoquant-gradient.pth" if sens_dir else None
+    if scored and scored.is_file() and not (st.path / "autoquant.pth").is_file():
+        shutil.copy(scored, st.path / "autoquant.pth")
+    ctx = SensitivityContext(det, calib_batches, [parse_format(f) for f in s.formats],
+                             det.quantizable_layers(), cfg.device, progress=False)
+    out = []
+    for b in s.modelopt_budgets:
+        assign = modelopt_choice(ctx, b, str(st.path / "autoquant.pth"))
+        full = {layer.name: assign.get(layer.name, allocate.FP16) for layer in problem.layers}
+        out.append(problem.manifest(f"modelopt-autoquant-{b:g}", full, {"kind": "modelopt", "effective_bits": b}))
+    st.finish()
+    return out
+
+
+
+def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalset, run, progress) -> dict:
+    """The recommended scheme as a Q/DQ ONNX: parity with PyTorch and its mAP under ONNX Runtime."""
+    import torch
+
+    from lowbit.export.onnx_qdq import export_qdq_onnx
+    from lowbit.report.study_report import append_onnx_section
+
+    res = next(r for r in results if r.manifest.name == summary["recommended"])
+    cb, eb = batches()
+    net = apply_manifest(det, res.manifest, cb)
+    info = export_qdq_onnx(det.net, net.cpu(), res.manifest, run.file("recommended.onnx"),
+                           parity_images=torch.cat([b.images for b in cb])[:4])
+    ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=res.manifest.name,
+                   batches=make_batches(evalset, cfg.imgsz, 1, progress=False))
+    out = {"export": info.model_dump(), "ort_map50_95": ort.map50_95, "torch_map50_95": res.result.map50_95,
+           "ort_latency_ms": ort.latency.median_ms, "runtime": ort.runtime}
+    append_onnx_section(run.path, res.manifest.name, out)
+    return out

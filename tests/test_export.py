@@ -1,0 +1,84 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.export.onnx_qdq import export_qdq_onnx, tensorrt_verdict
+from lowbit.formats import parse_format
+from lowbit.quantize.apply import apply_manifest
+from lowbit.quantize.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_batches(tiny):
+    from lowbit.data.loader import Batch
+
+    g = torch.Generator().manual_seed(1)
+    return [Batch(torch.rand(2, 3, 64, 64, generator=g), [])]
+
+
+def _mixed(tiny, formats):
+    layers = tiny.quantizable_layers()
+    return Manifest(name="mixed", model="yolov10n.yaml", imgsz=64,
+                    layers={x.name: parse_format(formats[i % len(formats)]) for i, x in enumerate(layers)})
+
+
+def test_weight_only_mixed_int4_int8_matches_pytorch(tmp_path, tiny, tiny_batches):
+    m = _mixed(tiny, ["W4A16", "W8A16", "W4A16:pt"])
+    q = apply_manifest(tiny, m, tiny_batches)
+    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "m.onnx", parity_images=tiny_batches[0].images)
+    model = onnx.load(info.path)
+    assert model.opset_import[0].version == 21
+    w4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(w4) == info.weight_dtypes["int4"] > 0 and info.weight_dtypes["int8"] > 0
+    assert info.parity_max_abs < 1e-3 * max(1.0, float(np.abs(q(tiny_batches[0].images)[0].numpy()).max()))
+    assert not info.tensorrt_buildable and "INT4" in info.tensorrt_reason
+
+
+def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batches):
+    from lowbit.evaluate.runners import OrtRunner
+
+    for fmts, dtype in ((["W8A8"], "int8"), (["W8A8-FP8", "W4A8-FP8"], "fp8")):
+        m = _mixed(tiny, fmts)
+        q = apply_manifest(tiny, m, tiny_batches)
+        info = export_qdq_onnx(tiny.net, q, m, tmp_path / f"{dtype}.onnx")
+        assert info.activation_qdq == len(m.layers)
+        out = OrtRunner(info.path)(tiny_batches[0].images[:1])
+        ref = q(tiny_batches[0].images[:1])[0]
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert tensorrt_verdict(_mixed(tiny, ["W8A8"]))[0]
+
+
+def test_real_model_map_agrees_with_pytorch(tmp_path, yolov10n, demo_val, demo_calib_batches):
+    """The issue's bar: the Q/DQ ONNX's mAP within 0.003 of the fake-quant model's."""
+    from lowbit.evaluate.coco import evaluate
+
+    m = Manifest.uniform(yolov10n.source, yolov10n.layers(), "W4A16")
+    q = apply_manifest(yolov10n, m, demo_calib_batches)
+    info = export_qdq_onnx(yolov10n.net, q, m, tmp_path / "w4.onnx")
+    ds = demo_val.subset(8)
+    pt = evaluate(q, ds, yolov10n.names, progress=False, warmup=0).map50_95
+    ox = evaluate(info.path, ds, yolov10n.names, progress=False, warmup=0).map50_95
+    assert pt > 0.2 and abs(pt - ox) < 0.003
+
+
+def test_block_size_must_divide_channels(tmp_path, tiny, tiny_batches):
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W4A16:b16")
+    q = apply_manifest(tiny, m, tiny_batches)
+    with pytest.raises(LowbitError, match="layer model.0.conv: block size 16 does not divide 3 input channels"):
+        export_qdq_onnx(tiny.net, q, m, tmp_path / "b.onnx")
+
+
+def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny_batches, monkeypatch):
+    from lowbit.evaluate import bench
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
+    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
+    rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=1, reps=3)}
+    assert rows["ort-cpu"].present and rows["ort-cpu"].median_ms > 0
+    assert not rows["ort-cuda"].present and rows["ort-cuda"].median_ms is None and "absent" in rows["ort-cuda"].note
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=0, reps=1)}
+    assert not rows["tensorrt"].present and not rows["openvino"].present

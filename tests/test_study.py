@@ -1,0 +1,45 @@
+import json
+
+import yaml
+
+from lowbit.study import StudyConfig, run_study
+
+
+def _write(tmp_path, assets, budgets):
+    cfg = {"name": "t", "model": assets["model"], "imgsz": 256, "eval_batch": 4, "export_onnx": False,
+           "calib": {"path": assets["val"], "max_images": 4}, "eval": {"path": assets["val"], "max_images": 4, "seed": 1},
+           "sensitivity": {"methods": ["gradient-selfsup"], "formats": ["W4A16", "W8A16"], "batch": 4,
+                           "layers": ["model.2.*", "model.23.cv3.0.*"]},
+           "search": {"method": "gradient-selfsup", "budgets": budgets, "random_seeds": []}, "uniform": ["W8A16"]}
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return StudyConfig.load(p)
+
+
+def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
+    out = tmp_path / "run"
+    first = run_study(_write(tmp_path, assets, [8.0]), out, progress=False)
+    assert first["work"] == {"evaluated": 3, "cached": 0}  # FP32, W8A16, one budget scheme
+    for f in ("study-report.md", "schemes.csv", "pareto.png", "summary.json", "config.json"):
+        assert (out / f).stat().st_size > 0
+    assert "Which scheme to pick" in (out / "study-report.md").read_text()
+    again = run_study(_write(tmp_path, assets, [8.0]), out, progress=False)
+    assert again["work"] == {"evaluated": 0, "cached": 3}
+    changed = run_study(_write(tmp_path, assets, [8.0, 6.0]), out, progress=False)
+    assert changed["work"] == {"evaluated": 1, "cached": 3}
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["fp32", "uniform", "budget", "budget"]
+
+
+def test_bad_study_config_names_the_field(tmp_path):
+    import pytest
+
+    from lowbit.errors import LowbitError
+
+    p = tmp_path / "s.yaml"
+    p.write_text("model: x.pt\ncalib: {path: a}\n")
+    with pytest.raises(LowbitError, match="eval: Field required"):
+        StudyConfig.load(p)
+    p.write_text("- just a list\n")
+    with pytest.raises(LowbitError, match="yaml mapping"):
+        StudyConfig.load(p)
