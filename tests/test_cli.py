@@ -14,7 +14,8 @@ def test_demo_prints_a_real_table(tmp_path):
         assert word in r.output
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     maps = {row["scheme"]: row["result"]["map50_95"] for row in rows}
-    assert maps["FP32"] > 0.3 and maps["W8A8"] > maps["FP32"] - 0.05 and maps["W4A16"] < 0.15  # INT4 collapses
+    # with GPTQ rounding uniform INT4 survives (ModelOpt's max calibration alone collapses to ~0.02)
+    assert maps["FP32"] > 0.3 and maps["W8A8"] > maps["FP32"] - 0.05 and 0.25 < maps["W4A16"] < maps["FP32"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["formats"] == ["W8A8", "W4A16"]
     assert (tmp_path / "run" / "run.log").stat().st_size > 0
 
