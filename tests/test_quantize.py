@@ -86,11 +86,11 @@ def test_stats(tiny):
 @pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.22.m.0.cv1.2.conv"])  # dense 3x3; depthwise 7x7
 def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batches, name):
     """On the layer's real calibration inputs, GPTQ's output error is well below plain rounding's."""
-    from lowbit.quantize.clip_search import _fake_quant, _Gram
+    from lowbit.quantize.refine import _fake_quant, _Gram
     from lowbit.quantize.gptq import gptq_weight
 
     conv = yolov10n.net.get_submodule(name)
-    gram = _Gram(conv)
+    gram = _Gram()
     hook = conv.register_forward_hook(gram)
     with torch.no_grad():
         yolov10n.net(demo_calib_batches[0].images)

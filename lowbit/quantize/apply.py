@@ -93,7 +93,7 @@ def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_c
     with contextlib.redirect_stdout(io.StringIO()):
         net = mtq.quantize(net, quant_cfg(manifest.layers, manifest.algorithm), forward_loop=forward_loop)
     if manifest.weight_clip != "max":
-        from lowbit.quantize.clip_search import refine_weights
+        from lowbit.quantize.refine import refine_weights
 
         refine_weights(net, detector.net, manifest.layers, calib_batches, manifest.weight_clip, gram_cache)
     verify(net, manifest.layers)

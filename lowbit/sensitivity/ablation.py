@@ -6,8 +6,7 @@ Expensive (one COCO evaluation per layer and format), so it resumes from its sco
 from __future__ import annotations
 
 from lowbit.evaluate.coco import mean_ap_only
-from lowbit.progress import track
-from lowbit.sensitivity.base import ScoreStore, SensitivityContext, SingleLayerProbe, register
+from lowbit.sensitivity.base import ScoreStore, SensitivityContext, probes, register
 
 
 def _dataset_of(ctx: SensitivityContext):
@@ -27,13 +26,7 @@ def ablation(ctx: SensitivityContext, store: ScoreStore) -> None:
     det = ctx.detector
     ds = _dataset_of(ctx)
     base = mean_ap_only(det.net, ds, det.names, ctx.batches, det.imgsz, ctx.device)
-    for fmt in ctx.formats:
-        todo = [layer for layer in ctx.layers if not store.done(layer.name, fmt.name)]
-        if not todo:
-            continue
-        probe = SingleLayerProbe(ctx, fmt)
-        for layer in track(todo, f"ablation {fmt.name}", enabled=ctx.progress):
-            with probe.only(layer.name) as qnet:
-                m = mean_ap_only(qnet, ds, det.names, ctx.batches, det.imgsz, ctx.device)
-            store.add(layer.name, fmt.name, (base - m) * 100, map50_95=m, base_map50_95=base)
-        del probe
+    for fmt, layer, probe in probes(ctx, store, "ablation"):
+        with probe.only(layer.name) as qnet:
+            m = mean_ap_only(qnet, ds, det.names, ctx.batches, det.imgsz, ctx.device)
+        store.add(layer.name, fmt.name, (base - m) * 100, map50_95=m, base_map50_95=base)

@@ -110,7 +110,7 @@ class SingleLayerProbe:
             self.net = mtq.quantize(self.net, quant_cfg(assign), forward_loop=forward_loop)
         clip = ctx.options.get("weight_clip", "max")
         if clip != "max":  # probe the format as it will be materialized
-            from lowbit.quantize.clip_search import refine_weights
+            from lowbit.quantize.refine import refine_weights
 
             refine_weights(self.net, ctx.detector.net, assign, ctx.calibration, clip)
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
@@ -131,6 +131,19 @@ class SingleLayerProbe:
         finally:
             for q in qs:
                 q.disable()
+
+
+def probes(ctx: SensitivityContext, store: ScoreStore, label: str):
+    """(format, layer, probe) for every pair the store still lacks; one calibrated probe per format."""
+    from lowbit.progress import track
+
+    for fmt in ctx.formats:
+        todo = [layer for layer in ctx.layers if not store.done(layer.name, fmt.name)]
+        if not todo:
+            continue
+        probe = SingleLayerProbe(ctx, fmt)
+        for layer in track(todo, f"{label} {fmt.name}", enabled=ctx.progress):
+            yield fmt, layer, probe
 
 
 class PrefixCache:

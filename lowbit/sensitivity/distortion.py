@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.progress import track
-from lowbit.sensitivity.base import PrefixCache, ScoreStore, SensitivityContext, SingleLayerProbe, register
+from lowbit.sensitivity.base import PrefixCache, ScoreStore, SensitivityContext, probes, register
 
 
 def _head_maps(out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,19 +31,13 @@ def distortion(ctx: SensitivityContext, store: ScoreStore) -> None:
     net = ctx.detector.net.to(dev)
     cache = PrefixCache(net, [b.images.to(dev) for b in ctx.batches])
     refs = [_head_maps(ys[-1]) for ys in cache.outputs]
-    for fmt in ctx.formats:
-        todo = [layer for layer in ctx.layers if not store.done(layer.name, fmt.name)]
-        if not todo:
-            continue
-        probe = SingleLayerProbe(ctx, fmt)
-        for layer in track(todo, f"distortion {fmt.name}", enabled=ctx.progress):
-            box_err = cls_err = 0.0
-            with probe.only(layer.name) as qnet, torch.no_grad():
-                for i, (rb, rc) in enumerate(refs):
-                    ob, oc = _head_maps(cache.run_from(qnet, PrefixCache.block_of(layer.name), i))
-                    box_err += _nmse(rb, ob)
-                    cls_err += _nmse(rc, oc)
-            n = len(ctx.batches)
-            # Both branches count: the class branch alone misses box-branch damage and vice versa.
-            store.add(layer.name, fmt.name, (box_err + cls_err) / (2 * n), box_nmse=box_err / n, cls_nmse=cls_err / n)
-        del probe
+    for fmt, layer, probe in probes(ctx, store, "distortion"):
+        box_err = cls_err = 0.0
+        with probe.only(layer.name) as qnet, torch.no_grad():
+            for i, (rb, rc) in enumerate(refs):
+                ob, oc = _head_maps(cache.run_from(qnet, PrefixCache.block_of(layer.name), i))
+                box_err += _nmse(rb, ob)
+                cls_err += _nmse(rc, oc)
+        n = len(ctx.batches)
+        # Both branches count: the class branch alone misses box-branch damage and vice versa.
+        store.add(layer.name, fmt.name, (box_err + cls_err) / (2 * n), box_nmse=box_err / n, cls_nmse=cls_err / n)

@@ -1,5 +1,5 @@
-"""Output-aware clipping for integer conv weights: per output channel, the clip ratio that
-minimizes the layer's output error on calibration inputs, handed to ModelOpt as the quantizer amax.
+"""Integer weight refinement after ModelOpt calibration: the layers' input statistics, output-aware
+clipping, and the dispatch to GPTQ (lowbit.quantize.gptq).
 
 Why ours: ModelOpt's `local_hessian` weighs weight error by the inputs only for dense linears and
 falls back to plain weight MSE elsewhere; plain weight-MSE clipping made YOLOv10n's INT4 worse than
@@ -20,8 +20,7 @@ MAX_COLUMNS_PER_BATCH = 4096  # patches sampled per batch for H: unbiased, and b
 
 
 class _Gram:
-    def __init__(self, conv: torch.nn.Module):
-        self.conv = conv
+    def __init__(self):
         self.h: torch.Tensor | None = None
         self.n = 0
 
@@ -78,7 +77,7 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     if not targets:
         return {}
     grams = gram_cache if gram_cache is not None else {}
-    missing = {n: _Gram(float_net.get_submodule(n)) for n in targets if n not in grams}
+    missing = {n: _Gram() for n in targets if n not in grams}
     if missing:
         hooks = [float_net.get_submodule(n).register_forward_hook(g) for n, g in missing.items()]
         dev = next(float_net.parameters()).device
