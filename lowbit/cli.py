@@ -192,6 +192,35 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
 
 
+@app.command("quantize-onnx")
+def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector"),
+                  out: Path = typer.Option(..., "--out", "-o", help="the Q/DQ .onnx to write"),
+                  fmt: Optional[str] = typer.Option(None, "--format", "-f", help="one format for every conv (DFL excluded)"),
+                  manifest: Optional[Path] = typer.Option(None, help="a lowbit manifest (layer names as in the ONNX weights)"),
+                  calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
+                  calib_images: int = 32, imgsz: int = 640):
+    """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source)."""
+    import onnx
+    import torch
+
+    from lowbit.data.loader import make_batches
+    from lowbit.export.onnx_native import quantize_onnx as run, uniform_manifest
+    from lowbit.quantize.manifest import Manifest
+
+    if (fmt is None) == (manifest is None):
+        raise LowbitError("give exactly one of --format or --manifest")
+    if not model.is_file():
+        raise LowbitError(f"{model}: ONNX file not found")
+    m = Manifest.load(manifest) if manifest else uniform_manifest(onnx.load(str(model), load_external_data=False), str(model), fmt)
+    images = None
+    if calib:
+        images = torch.cat([b.images for b in make_batches(_data(calib, None, calib_images, 0).load(), imgsz, 8)]).numpy()
+    info = run(model, m, out, images)
+    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB): {info.layers_quantized} convs, weights {info.weight_dtypes}, "
+                  f"{info.activation_qdq} activation Q/DQ pairs; TensorRT: "
+                  f"{'buildable' if info.tensorrt_buildable else 'not buildable'} ({info.tensorrt_reason})")
+
+
 @app.command()
 def bench(models: list[Path] = typer.Argument(..., help="one or more .onnx files"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the runtime's)"),

@@ -44,6 +44,10 @@ def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batch
         q = apply_manifest(tiny, m, tiny_batches)
         info = export_qdq_onnx(tiny.net, q, m, tmp_path / f"{dtype}.onnx")
         assert info.activation_qdq == len(m.layers)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(info.path).graph.initializer}
+        for layer in ("model.0.conv", "model.9.cv2.conv", "model.23.cv3.0.2"):  # the scales ModelOpt calibrated
+            amax = q.get_submodule(layer).input_quantizer.amax.item()
+            assert float(inits[f"{layer}.input_scale"]) == pytest.approx(amax / (127 if dtype == "int8" else 448), rel=1e-6)
         out = OrtRunner(info.path)(tiny_batches[0].images[:1])
         ref = q(tiny_batches[0].images[:1])[0]
         assert out.shape == ref.shape and torch.isfinite(out).all()
@@ -82,3 +86,31 @@ def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=0, reps=1)}
     assert not rows["tensorrt"].present and not rows["openvino"].present
+
+
+def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
+    from lowbit.evaluate.runners import OrtRunner
+    from lowbit.export.onnx_native import conv_layers, quantize_onnx, uniform_manifest
+    from lowbit.export.onnx_qdq import export_float_onnx
+
+    float_model = export_float_onnx(tiny.net, 64)
+    src = tmp_path / "float.onnx"
+    src.write_bytes(float_model.SerializeToString())
+    assert len(conv_layers(float_model)) == 83
+    x = tiny_batches[0].images[:1]
+    ref = OrtRunner(src)(x)
+    m = uniform_manifest(float_model, str(src), "W8A16")
+    assert "model.23.dfl.conv" not in m.layers and len(m.layers) == 82
+    w8 = quantize_onnx(src, m, tmp_path / "w8.onnx")
+    out = OrtRunner(w8.path)(x)
+    assert w8.weight_dtypes == {"int8": 82} and torch.allclose(out, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+    a8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "a8.onnx",
+                       calib_images=tiny_batches[0].images.numpy())
+    assert a8.activation_qdq == 82 and torch.isfinite(OrtRunner(a8.path)(x)).all()
+    scale = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(a8.path).graph.initializer}["model.0.conv.input_scale"]
+    assert float(scale) == pytest.approx(float(tiny_batches[0].images.abs().max()) / 127, rel=1e-6)  # the graph input's range
+    with pytest.raises(LowbitError, match="activation formats need calibration images"):
+        quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "x.onnx")
+    bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")})
+    with pytest.raises(LowbitError, match="names layer 'model.99.conv'"):
+        quantize_onnx(src, bad, tmp_path / "y.onnx")

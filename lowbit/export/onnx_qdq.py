@@ -73,12 +73,21 @@ def _quantize_weight(w: np.ndarray, tf: TensorFormat, amax: np.ndarray):
     return q, np.asarray(scale, np.float32), axis, block
 
 
-def _zero_point(tf: TensorFormat, name: str):
-    import ml_dtypes
-    from onnx import numpy_helper
+def _tensor(name: str, value: np.ndarray):
+    """An initializer whose values are copied into the proto. numpy_helper.from_array on a 0-d array
+    wrote freed memory here (onnx 1.21: scales of 1e24 that changed from run to run)."""
+    from onnx import helper, numpy_helper
 
-    dtype = {"int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[tf.dtype]
-    return numpy_helper.from_array(np.zeros((), dtype=dtype), name)
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(value.dtype), [], [value.item()])
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+def _zero_point(tf: TensorFormat, name: str):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor(name, {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}[tf.dtype], [], [0])
 
 
 def export_float_onnx(net: torch.nn.Module, imgsz: int) -> "onnx.ModelProto":  # noqa: F821
@@ -94,7 +103,18 @@ def export_float_onnx(net: torch.nn.Module, imgsz: int) -> "onnx.ModelProto":  #
 
 
 def insert_qdq(model, qnet: torch.nn.Module, manifest: Manifest):
-    """Rewrite the float graph in place: Q/DQ for every Conv the manifest quantizes."""
+    """Rewrite the float graph in place: Q/DQ for every Conv the manifest quantizes, with the weights
+    (GPTQ may have changed them) and ranges of the ModelOpt-quantized `qnet`."""
+    def source(layer: str):
+        mod = qnet.get_submodule(layer)
+        act = mod.input_quantizer if manifest.layers[layer].act is not None else None
+        return (mod.weight.detach().float().cpu().numpy(), _amax(mod.weight_quantizer) if mod.weight_quantizer.is_enabled else None,
+                float(_amax(act).reshape(-1)[0]) if act is not None else None)
+    return write_qdq(model, manifest, source)
+
+
+def write_qdq(model, manifest: Manifest, source):
+    """Q/DQ for every Conv the manifest quantizes; `source(layer)` gives (weight, weight amax, input amax)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -107,17 +127,15 @@ def insert_qdq(model, qnet: torch.nn.Module, manifest: Manifest):
         conv = by_weight.get(f"{layer}.weight")
         if conv is None:
             raise LowbitError(f"layer {layer}: no Conv in the exported graph reads {layer}.weight")
-        mod = qnet.get_submodule(layer)
+        w, w_amax, a_amax = source(layer)
         pre = []
         if fmt.weight is not None:
-            # the quantized module's weight: GPTQ may have changed it from the float export's
-            w = mod.weight.detach().float().cpu().numpy()
             try:
-                q, scale, axis, block = _quantize_weight(w, fmt.weight, _amax(mod.weight_quantizer))
+                q, scale, axis, block = _quantize_weight(w, fmt.weight, w_amax)
             except LowbitError as e:
                 raise LowbitError(f"layer {layer}: {e}") from None
             qname, sname = f"{layer}.weight_q", f"{layer}.weight_scale"
-            graph.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(np.asarray(scale), sname)])
+            graph.initializer.extend([_tensor(qname, q), _tensor(sname, np.asarray(scale, np.float32))])
             attrs = {} if axis is None else {"axis": axis}
             if block:
                 attrs["block_size"] = block
@@ -126,10 +144,9 @@ def insert_qdq(model, qnet: torch.nn.Module, manifest: Manifest):
             conv.input[1] = f"{layer}.weight_dq"
             counts[fmt.weight.dtype] = counts.get(fmt.weight.dtype, 0) + 1
         if fmt.act is not None:
-            amax = float(_amax(mod.input_quantizer).reshape(-1)[0])
-            s = np.float32(max(amax / QMAX[fmt.act.dtype], np.finfo(np.float32).tiny))
+            s = np.float32(max(a_amax / QMAX[fmt.act.dtype], np.finfo(np.float32).tiny))
             sname, zname = f"{layer}.input_scale", f"{layer}.input_zp"
-            graph.initializer.extend([numpy_helper.from_array(np.asarray(s), sname), _zero_point(fmt.act, zname)])
+            graph.initializer.extend([_tensor(sname, np.asarray(s, np.float32)), _zero_point(fmt.act, zname)])
             x = conv.input[0]
             pre += [helper.make_node("QuantizeLinear", [x, sname, zname], [f"{layer}.input_q"], name=f"{layer}/input_Q"),
                     helper.make_node("DequantizeLinear", [f"{layer}.input_q", sname, zname], [f"{layer}.input_dq"],
