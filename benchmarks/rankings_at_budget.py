@@ -1,7 +1,7 @@
 """Which sensitivity ranking and which INT4 rounding allocate best at one budget (docs/results.md, section 4).
 
     .venv/bin/python benchmarks/rankings_at_budget.py --report runs/study-yolov10n/cache/sensitivity-*/gradient \
-        --report runs/sens-h100/gradient-selfsup --clip gptq --clip output+gptq --budget 5.6
+        --report docs/data/yolov10n-gradient-selfsup-h100.json --clip gptq --clip output+gptq --budget 5.6
 
 Reports are sensitivity method folders (from `lowbit sensitivity` or a study's cache); evaluation on the
 shared coco-val200, calibration on 64 coco-calib-train images, CPU.
