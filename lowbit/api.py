@@ -7,7 +7,6 @@ import ast
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field

@@ -43,32 +43,21 @@ def runtimes() -> dict[str, tuple[bool, str]]:
 
 
 def _time_ort(path: Path, provider: str, threads: int | None, warmup: int, reps: int) -> BenchResult:
-    import onnxruntime as ort
+    from lowbit.evaluate.runners import OrtRunner
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    name = f"ort-{provider.replace('ExecutionProvider', '').lower()}"
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=[provider])
-    except Exception as e:
-        if "float8" not in str(e):
-            raise LowbitError(f"{path}: ONNX Runtime cannot load this model ({e})") from None
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no FP8 QLinearConv kernel
-        sess = ort.InferenceSession(str(path), opts, providers=[provider])
-        name += "-basicopt"
-    inp = sess.get_inputs()[0]
+    runner = OrtRunner(path, [provider], threads)  # same session options (and FP8 fallback) as evaluation
+    inp = runner.session.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     for _ in range(warmup):
-        sess.run(None, {inp.name: x})
+        runner.session.run(None, {inp.name: x})
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        sess.run(None, {inp.name: x})
+        runner.session.run(None, {inp.name: x})
         times.append((time.perf_counter() - t) * 1e3)
     med = float(np.median(times))
-    return BenchResult(runtime=name, present=True, batch=shape[0], threads=threads, median_ms=med,
+    return BenchResult(runtime=runner.name, present=True, batch=shape[0], threads=threads, median_ms=med,
                        p90_ms=float(np.percentile(times, 90)), throughput_ips=shape[0] * 1e3 / med)
 
 

@@ -115,10 +115,9 @@ def insert_qdq(model, qnet: torch.nn.Module, manifest: Manifest):
 
 def write_qdq(model, manifest: Manifest, source):
     """Q/DQ for every Conv the manifest quantizes; `source(layer)` gives (weight, weight amax, input amax)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     by_weight = {n.input[1]: n for n in graph.node if n.op_type == "Conv" and len(n.input) > 1}
     counts: dict[str, int] = {}
     n_act = 0

@@ -28,12 +28,7 @@ class SensitivityContext:
     layers: list[LayerInfo]  # the layers to score, network order
     device: str = "cpu"
     progress: bool = True
-    calib_batches: list[Batch] | None = None  # for activation ranges; defaults to `batches`
     options: dict = field(default_factory=dict)
-
-    @property
-    def calibration(self) -> list[Batch]:
-        return self.calib_batches or self.batches
 
 
 class ScoreStore:
@@ -102,7 +97,7 @@ class SingleLayerProbe:
 
         def forward_loop(model):
             with torch.no_grad():
-                for b in ctx.calibration:
+                for b in ctx.batches:
                     model(b.images.to(dev))
 
         assign = {layer.name: fmt for layer in ctx.layers}
@@ -112,7 +107,7 @@ class SingleLayerProbe:
         if clip != "max":  # probe the format as it will be materialized
             from lowbit.quantize.refine import refine_weights
 
-            refine_weights(self.net, ctx.detector.net, assign, ctx.calibration, clip)
+            refine_weights(self.net, ctx.detector.net, assign, ctx.batches, clip)
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
                                                     for a in ("weight_quantizer", "input_quantizer"))
                                         if q is not None and q.is_enabled] for layer in ctx.layers}
