@@ -15,6 +15,7 @@ from lowbit.data.datasets import Dataset, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.formats import parse_format
 from lowbit.io import RunDir
 from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
@@ -146,7 +147,7 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
             continue
         run.log.info("quantizing to %s", fmt.name)
         t = time.perf_counter()
-        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip)
+        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz)
         net = apply_manifest(det, manifest, calib_batches, grams)
         dt = time.perf_counter() - t
         ckpt = None
@@ -192,18 +193,27 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
     formats = [parse_format(f) for f in cfg.formats]
     run = RunDir(out, "sensitivity")
     run.write_json("config.json", cfg)
-    det = detector or load_detector(cfg.model, cfg.imgsz)
+    options = {"weight_clip": cfg.weight_clip}
+    if cfg.model.endswith(".onnx"):  # no PyTorch source: only the ONNX-native method applies
+        from lowbit.sensitivity.onnx_node import load_graph, onnx_layers
+
+        if set(methods) != {"onnx"}:
+            raise LowbitError(f"{cfg.model}: an ONNX model is scored by the 'onnx' method only; "
+                              f"{sorted(set(methods) - {'onnx'})} need the PyTorch model")
+        det, layers, options["onnx"] = None, onnx_layers(load_graph(cfg.model), cfg.imgsz), cfg.model
+    else:
+        det = detector or load_detector(cfg.model, cfg.imgsz)
+        layers = det.quantizable_layers()
     data = cfg.calib.load()
     if not data.has_labels and NEEDS_LABELS & set(methods):
         raise LowbitError(f"{data.source}: methods {sorted(NEEDS_LABELS & set(methods))} need labels; "
-                          "use a data yaml or COCO json, or the label-free methods (distortion, gradient-selfsup)")
-    layers = det.quantizable_layers()
+                          "use a data yaml or COCO json, or the label-free methods (distortion, gradient-selfsup, onnx)")
     if cfg.layers:
         layers = [x for x in layers if any(fnmatch.fnmatch(x.name, p) for p in cfg.layers)]
         if not layers:
             raise LowbitError(f"no quantizable layer matches {cfg.layers}")
     batches = make_batches(data, cfg.imgsz, cfg.batch, progress=progress)
-    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={"dataset": data, "weight_clip": cfg.weight_clip})
+    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={**options, "dataset": data})
     images = [str(r.path) for r in data.images]
     reports = {}
     for name, method in methods.items():
@@ -249,3 +259,49 @@ def run_export(cfg: ExportConfig):
     info = export_qdq_onnx(det.net, net, manifest, cfg.out, parity_images=images)
     write_json(Path(cfg.out).with_suffix(".export.json"), info)
     return info
+
+
+class FinetuneRunConfig(BaseModel):
+    checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
+    calib: DataConfig  # training images; labels are read only when finetune.label_weight > 0
+    eval: DataConfig | None = None  # before/after mAP; must not share an image with calib
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    device: str = "cpu"
+    eval_batch: int = 8
+
+
+def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Distill a quantized checkpoint from its float model; write the fine-tuned checkpoint and before/after mAP."""
+    from lowbit.data.datasets import assert_disjoint
+    run = RunDir(out, "finetune")
+    run.write_json("config.json", cfg)
+    net, manifest = load_quantized(cfg.checkpoint)
+    det = load_detector(manifest.model, manifest.imgsz)
+    calib = cfg.calib.load()
+    if cfg.finetune.label_weight and not calib.has_labels:
+        raise LowbitError(f"{calib.source}: label_weight > 0 needs labelled images (a data yaml or COCO json)")
+    evalset = cfg.eval.load() if cfg.eval else None
+    if evalset is not None:
+        assert_disjoint(calib, evalset)
+    batches = make_batches(calib, manifest.imgsz, cfg.finetune.batch, progress=progress)
+    eval_batches = make_batches(evalset, manifest.imgsz, cfg.eval_batch, progress=progress) if evalset else None
+
+    def score(label):
+        if evalset is None:
+            return None
+        return evaluate(net, evalset, det.names, manifest.imgsz, cfg.eval_batch, cfg.device, batches=eval_batches,
+                        progress=progress, model_name=f"{manifest.name} {label}")
+
+    before = score("before")
+    res = finetune(net, det.net, batches, cfg.finetune, cfg.device, progress)
+    run.log.info("%s: %d steps in %.1f s, loss %.4g -> %.4g", cfg.finetune.mode, res.steps, res.seconds,
+                 res.first_loss, res.last_loss)
+    manifest.origin = {**manifest.origin, "finetune": {**cfg.finetune.model_dump(), "calib": calib.source,
+                                                       "images": len(calib), "seconds": res.seconds}}
+    ckpt = save_quantized(net.cpu(), manifest, run.file("checkpoint"))
+    net.to(cfg.device)
+    after = score("after")
+    out = {"checkpoint": str(ckpt), "finetune": res.model_dump(), "before": before.model_dump() if before else None,
+           "after": after.model_dump() if after else None}
+    run.write_json("results.json", out)
+    return out

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -101,7 +102,7 @@ def quantize(model: str = MODEL,
 @app.command()
 def sensitivity(model: str = MODEL,
                 calib: str = typer.Option(..., help="scoring images (labelled for gradient/ablation): data yaml, COCO json, folder"),
-                method: str = typer.Option("distortion", help="comma list: distortion, gradient, gradient-selfsup, ablation"),
+                method: str = typer.Option("distortion", help="comma list: distortion, gradient, gradient-selfsup, ablation, onnx (Q/DQ one Conv at a time in the ONNX graph; the only one for a .onnx model)"),
                 formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="comma list of formats to score"),
                 images: Optional[int] = typer.Option(32, help="scoring images (deterministic subset)"),
                 batch: int = 8, imgsz: int = 640, device: str = "cpu",
@@ -192,6 +193,37 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
 
 
+@app.command()
+def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowbit checkpoint folder to fine-tune"),
+             calib: str = typer.Option(..., help="training images (unlabelled is fine): folder, data yaml or COCO json"),
+             calib_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
+             max_images: Optional[int] = None,
+             mode: str = typer.Option("distill", help="distill (end to end) or blocks (block-wise reconstruction)"),
+             epochs: int = typer.Option(8, help="passes over the training images (distill)"),
+             block_steps: int = typer.Option(200, help="optimizer steps per block (blocks)"),
+             lr: float = 1e-5, batch: int = 8,
+             learn_scales: bool = typer.Option(False, help="learn integer weight scales (LSQ) as well as weights"),
+             feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
+             label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
+             device: str = "cpu", out: Optional[Path] = OUT):
+    """Recover accuracy of a quantized checkpoint by distillation from its float model (no labels needed)."""
+    from lowbit.api import FinetuneRunConfig, run_finetune
+    from lowbit.finetune.distill import FinetuneConfig
+
+    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, batch=batch, learn_scales=learn_scales,
+                        feature_weight=feature_weight, label_weight=label_weight)
+    res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
+                                         eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
+                                         device=device), out)
+    f = res["finetune"]
+    console.print(f"{f['mode']}: {f['steps']} steps in {f['seconds']:.1f} s on {f['device']}, loss {f['first_loss']:.4g} "
+                  f"-> {f['last_loss']:.4g}; checkpoint {res['checkpoint']}")
+    if res["before"]:
+        b, a = res["before"]["map50_95"], res["after"]["map50_95"]
+        console.print(f"mAP50-95 {b:.4f} -> {a:.4f} ({(a - b) * 100:+.2f} points)")
+
+
 @app.command("quantize-onnx")
 def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector"),
                   out: Path = typer.Option(..., "--out", "-o", help="the Q/DQ .onnx to write"),
@@ -273,6 +305,10 @@ def main() -> None:
         app()
     except LowbitError as e:
         console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except ValidationError as e:  # a bad option value reaching a typed config
+        err = e.errors()[0]
+        console.print(f"[bold red]error:[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
         sys.exit(2)
 
 

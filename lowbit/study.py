@@ -17,6 +17,7 @@ from lowbit.api import DataConfig, SensitivityConfig, run_sensitivity
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest, save_quantized
@@ -49,6 +50,13 @@ class SensitivitySpec(BaseModel):
     layers: list[str] | None = None
 
 
+class FinetuneSpec(BaseModel):
+    """Fine-tune evaluated schemes by distillation; each result joins the table as `<scheme>+ft`."""
+
+    schemes: list[str] = Field(default_factory=lambda: ["W4A16"])  # scheme names; "recommended" = the pick
+    config: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
 class StudyConfig(BaseModel):
     name: str = "study"
     model: str
@@ -65,6 +73,7 @@ class StudyConfig(BaseModel):
     weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
     export_onnx: bool = True  # Q/DQ ONNX of the recommended scheme, checked with ONNX Runtime
     save_checkpoints: bool = False
+    finetune: FinetuneSpec | None = None
 
     @field_validator("search", mode="before")
     @classmethod
@@ -147,7 +156,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         net = det.net if m is None else apply_manifest(det, m, cb, grams)
         res = evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eb,
                        progress=progress, model_name=m.name if m else "FP32")
-        manifest = m or Manifest(name="FP32", model=cfg.model, layers={})
+        manifest = m or Manifest(name="FP32", model=cfg.model, imgsz=cfg.imgsz, layers={})
         out = SchemeResult(manifest=manifest, result=res, seconds=time.perf_counter() - t)
         if m is not None and cfg.save_checkpoints:
             save_quantized(net, m, st.path / "checkpoint")
@@ -159,7 +168,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
 
     baseline = evaluate_scheme(None)
     baseline.manifest.stats = Manifest.uniform(cfg.model, det.layers(), "FP16").stats
-    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip)
+    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip, imgsz=cfg.imgsz)
                                  for f in cfg.uniform]
 
     reports: dict[str, SensitivityReport] = {}
@@ -185,6 +194,9 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
     summary = write_study_report(cfg, results, reports, run.path)
+    if cfg.finetune is not None:
+        results += _finetune_stage(cfg, det, results, summary, calib, evalset, batches, data_key, grams, run, work, progress)
+        summary = write_study_report(cfg, results, reports, run.path)
     if cfg.export_onnx and summary["recommended"]:
         summary["onnx"] = _export_recommended(cfg, det, results, summary, batches, evalset, run, progress)
     summary["work"] = work
@@ -234,6 +246,50 @@ def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_bat
 
 
 
+def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, batches, data_key, grams, run, work,
+                    progress) -> list[SchemeResult]:
+    """Distill each named scheme from the float model on the calibration images (never the evaluation set)."""
+    from lowbit.data.datasets import assert_disjoint
+
+    assert_disjoint(calib, evalset)
+    by_name = {r.manifest.name: r for r in results}
+    names = [summary["recommended"] if n == "recommended" else n for n in cfg.finetune.schemes]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise LowbitError(f"finetune.schemes: {unknown} not among the evaluated schemes ({', '.join(by_name)})")
+    ft = cfg.finetune.config
+    out = []
+    for name in dict.fromkeys(names):
+        src = by_name[name]
+        st = Stage(run.path, "finetune", data_key, src.manifest.model_dump(mode="json", exclude={"name", "origin"}),
+                   ft.model_dump())
+        if st.done:
+            work["cached"] += 1
+            out.append(SchemeResult.model_validate(read_json(st.path / "result.json")))
+            continue
+        cb, eb = batches()
+        train = make_batches(calib, cfg.imgsz, ft.batch, progress=False)
+        net = apply_manifest(det, src.manifest, cb, grams)
+        res = finetune(net, det.net, train, ft, cfg.device, progress)
+        m = src.manifest.model_copy(deep=True)
+        m.name = f"{name}+ft"
+        m.origin = {**m.origin, "kind": "finetune", "base": name, "base_map50_95": src.result.map50_95,
+                    "finetune": {**ft.model_dump(), "seconds": res.seconds, "steps": res.steps, "device": res.device},
+                    "checkpoint": str((st.path / "checkpoint").relative_to(run.path))}
+        r = evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eb, progress=progress,
+                     model_name=m.name)
+        save_quantized(net.cpu(), m, st.path / "checkpoint")  # the export needs the learned weights
+        net.to(cfg.device)
+        sr = SchemeResult(manifest=m, result=r, seconds=res.seconds)
+        write_json(st.path / "result.json", sr)
+        st.finish()
+        work["evaluated"] += 1
+        run.log.info("%s: mAP50-95 %.4f -> %.4f after %s (%.1f s)", name, src.result.map50_95, r.map50_95, ft.mode,
+                     res.seconds)
+        out.append(sr)
+    return out
+
+
 def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalset, run, progress) -> dict:
     """The recommended scheme as a Q/DQ ONNX: parity with PyTorch and its mAP under ONNX Runtime."""
     import torch
@@ -243,7 +299,12 @@ def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalse
 
     res = next(r for r in results if r.manifest.name == summary["recommended"])
     cb, eb = batches()
-    net = apply_manifest(det, res.manifest, cb)
+    if res.manifest.origin.get("kind") == "finetune":  # learned weights: from the fine-tune stage's checkpoint
+        from lowbit.quantize.apply import load_quantized
+
+        net, _ = load_quantized(run.path / res.manifest.origin["checkpoint"], det)
+    else:
+        net = apply_manifest(det, res.manifest, cb)
     info = export_qdq_onnx(det.net, net.cpu(), res.manifest, run.file("recommended.onnx"),
                            parity_images=torch.cat([b.images for b in cb])[:4])
     ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=res.manifest.name,

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def test_folder_and_list_file(tmp_path, assets):
     assert len(load_dataset(lst)) == 3
 
 
-def test_yolo_labels_become_coco_ground_truth(tmp_path, demo_val):
+def test_yolo_labels_become_coco_ground_truth(tmp_path, demo_val, monkeypatch):
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -43,6 +44,12 @@ def test_yolo_labels_become_coco_ground_truth(tmp_path, demo_val):
     ds = load_dataset(root / "d.yaml")
     ann = ds.coco["annotations"][0]
     assert ann["bbox"][2] == pytest.approx(0.2 * im.width) and ds.images[0].boxes.shape == (1, 5)
+    # named by a relative path (as on a command line), and with a "path" key relative to the yaml
+    monkeypatch.chdir(tmp_path)
+    assert len(load_dataset(Path("ds") / "d.yaml")) == 1
+    (root / "sub").mkdir()
+    (root / "sub" / "e.yaml").write_text("path: ..\nval: images\nnames: {0: person}\n")
+    assert len(load_dataset(Path("ds") / "sub" / "e.yaml")) == 1
 
 
 @pytest.mark.parametrize("content,msg", [("{not json", "malformed COCO json"), ('{"images": []}', "not a COCO instances")])

@@ -30,7 +30,7 @@ def fragile_ctx(yolov10n, demo_val):
                               options={"dataset": ds})
 
 
-@pytest.mark.parametrize("method", ["distortion", "gradient", "gradient-selfsup", "ablation"])
+@pytest.mark.parametrize("method", ["distortion", "gradient", "gradient-selfsup", "ablation", "onnx"])
 def test_fragile_layer_ranks_most_sensitive(tmp_path, fragile_ctx, method):
     ctx = copy.copy(fragile_ctx)
     ctx.options = {**ctx.options, "autoquant_checkpoint": str(tmp_path / "aq.pth")}
@@ -98,3 +98,30 @@ def test_cli_writes_reports_index_and_agreement(tmp_path, assets):
     assert (tmp_path / "runs" / "sensitivity-index.csv").read_text().count("\n") == 3
     assert "Spearman" in (out / "agreement.md").read_text()
     assert fingerprint(1, 2) != fingerprint(2, 1)
+
+
+def test_onnx_method_on_a_bare_onnx_graph(tmp_path, yolov10n, assets):
+    """An .onnx with no PyTorch source: the head maps are found in the graph, layers keep PyTorch's names,
+    and only the ONNX-native method is accepted."""
+    import onnx
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.export.onnx_qdq import export_float_onnx
+    from lowbit.sensitivity.onnx_node import conv_weights, head_outputs
+
+    model = export_float_onnx(copy.deepcopy(yolov10n.net), 64)  # real weights, tiny images: fast
+    heads = head_outputs(model, conv_weights(model))
+    assert len(heads) == 6 and not any("dfl" in h for h in heads)  # 3 levels x (box, class), DFL decoder set aside
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, str(path))
+    run = CliRunner().invoke(app, ["sensitivity", "-m", str(path), "--calib", assets["calib"], "--method", "onnx",
+                                   "-f", "W8A8", "--images", "2", "--imgsz", "64", "-o", str(tmp_path / "s")])
+    assert run.exit_code == 0, run.output
+    rep = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
+    names = {r["name"] for r in rep["rows"]}
+    assert names == {x.name for x in yolov10n.quantizable_layers()}  # ONNX layers map 1:1 onto PyTorch modules
+    assert all(r["scores"]["W8A8"] > 0 for r in rep["rows"])
+    bad = CliRunner().invoke(app, ["sensitivity", "-m", str(path), "--calib", assets["calib"], "--method", "gradient",
+                                   "--images", "2", "--imgsz", "64", "-o", str(tmp_path / "s2")])
+    assert "scored by the 'onnx' method only" in str(bad.exception)

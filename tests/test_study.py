@@ -1,7 +1,9 @@
 import json
 
+import pytest
 import yaml
 
+from lowbit.errors import LowbitError
 from lowbit.study import StudyConfig, run_study
 
 
@@ -32,10 +34,6 @@ def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
 
 
 def test_bad_study_config_names_the_field(tmp_path):
-    import pytest
-
-    from lowbit.errors import LowbitError
-
     p = tmp_path / "s.yaml"
     p.write_text("model: x.pt\ncalib: {path: a}\n")
     with pytest.raises(LowbitError, match="eval: Field required"):
@@ -43,3 +41,24 @@ def test_bad_study_config_names_the_field(tmp_path):
     p.write_text("- just a list\n")
     with pytest.raises(LowbitError, match="yaml mapping"):
         StudyConfig.load(p)
+
+
+def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
+    cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "export_onnx": False,
+           "calib": {"path": assets["calib"], "max_images": 8}, "eval": {"path": assets["val"], "max_images": 4},
+           "search": [], "uniform": ["W4A16"], "max_drop_points": [100],
+           "finetune": {"schemes": ["W4A16"], "config": {"epochs": 1, "lr": 1e-4, "batch": 4}}}
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    first = run_study(StudyConfig.load(p), out, progress=False)
+    rows = {r["scheme"]: r for r in first["rows"]}
+    assert rows["W4A16+ft"]["kind"] == "finetune" and rows["W4A16+ft"]["int4_share"] == 1.0
+    report = (out / "study-report.md").read_text()
+    assert "## Fine-tuning" in report and "| W4A16 |" in report
+    assert first["work"] == {"evaluated": 3, "cached": 0}
+    assert run_study(StudyConfig.load(p), out, progress=False)["work"] == {"evaluated": 0, "cached": 3}
+    cfg["calib"] = cfg["eval"]  # training on the evaluation images is refused
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(LowbitError, match="share 4 image"):
+        run_study(StudyConfig.load(p), tmp_path / "run2", progress=False)

@@ -155,9 +155,7 @@ def _from_data_yaml(path: Path, split: str) -> Dataset:
         raise LowbitError(f"{path}: malformed yaml ({e})") from None
     if not isinstance(cfg, dict) or split not in cfg or "names" not in cfg:
         raise LowbitError(f"{path}: not an Ultralytics data file (needs '{split}' and 'names')")
-    root = Path(cfg.get("path") or path.parent)
-    if not root.is_absolute():
-        root = path.parent / root
+    root = path.parent / cfg["path"] if cfg.get("path") else path.parent  # an absolute "path" wins the join
     names = cfg["names"]
     names = {int(k): v for k, v in names.items()} if isinstance(names, dict) else dict(enumerate(names))
     img_dir = root / cfg[split]
@@ -176,6 +174,15 @@ def _from_data_yaml(path: Path, split: str) -> Dataset:
         return img_dir.parent / "labels" / rel
 
     return _from_yolo_labels(path.stem, images, label_of, names, str(path))
+
+
+def assert_disjoint(train: Dataset, test: Dataset) -> None:
+    """No test image may be trained on: same file, or same file name (COCO names carry the image id)."""
+    seen = {r.path.resolve(): r.path for r in train.images} | {r.path.name: r.path for r in train.images}
+    shared = [r.path for r in test.images if r.path.resolve() in seen or r.path.name in seen]
+    if shared:
+        raise LowbitError(f"{train.source} and {test.source} share {len(shared)} image(s), e.g. {shared[0]}: "
+                          "training on evaluation images measures nothing")
 
 
 def load_dataset(source: str | Path, images: str | Path | None = None, split: str = "val") -> Dataset:

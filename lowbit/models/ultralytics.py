@@ -124,7 +124,7 @@ def load_detector(source: str | Path, imgsz: int = 640) -> Detector:
     """Load an Ultralytics checkpoint (`.pt`) or build a model from an Ultralytics yaml.
 
     A yaml name such as `yolov10m.yaml` resolves to Ultralytics' packaged configs; the model gets
-    random weights (for structure, size and speed work) with batch norm folded as in deployment.
+    random weights (for structure, size and speed work). Either way batch norm is folded as in deployment.
     """
     from ultralytics import YOLO
 
@@ -145,6 +145,10 @@ def load_detector(source: str | Path, imgsz: int = 640) -> Detector:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 yolo = YOLO(str(path))
+                # As deployed: batch norm folded into the convs (so quantization and fine-tuning see the
+                # deployed weights and no BN statistics can drift) and YOLOv10's one-to-many head dropped.
+                # A checkpoint that is already fused is left as it is.
+                yolo.model.fuse(verbose=False)
         except Exception as e:
             raise LowbitError(f"{src}: not a loadable Ultralytics checkpoint ({type(e).__name__}: {e})") from None
     else:

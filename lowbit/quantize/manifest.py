@@ -11,11 +11,11 @@ from pydantic import BaseModel, Field, ValidationError
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, parse_format
 from lowbit.io import read_json, write_json
+from lowbit.models.ultralytics import LayerInfo
 
 # How integer weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel
 # clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both.
 WeightRefine = Literal["max", "output", "gptq", "output+gptq"]
-from lowbit.models.ultralytics import LayerInfo
 
 
 class SchemeStats(BaseModel):
@@ -39,9 +39,9 @@ class Manifest(BaseModel):
 
     @classmethod
     def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",
-                weight_clip: str = "gptq") -> "Manifest":
+                weight_clip: str = "gptq", imgsz: int = 640) -> "Manifest":
         fmt = parse_format(fmt)
-        m = cls(name=fmt.name, model=model, algorithm=algorithm, weight_clip=weight_clip,
+        m = cls(name=fmt.name, model=model, imgsz=imgsz, algorithm=algorithm, weight_clip=weight_clip,
                 layers={layer.name: fmt for layer in layers if layer.quantizable},
                 origin={"kind": "uniform", "format": fmt.name})
         m.stats = scheme_stats(m.layers, layers)

@@ -10,7 +10,8 @@ from pathlib import Path
 from lowbit.io import atomic_write_bytes, atomic_write_text
 
 KIND_STYLE = {"fp32": ("k", "*"), "uniform": ("tab:gray", "s"), "budget": ("tab:blue", "o"), "topk": ("tab:green", "^"),
-              "pareto": ("tab:blue", "o"), "random": ("tab:red", "x"), "modelopt": ("tab:purple", "D"), "manifest": ("tab:orange", "P")}
+              "pareto": ("tab:blue", "o"), "random": ("tab:red", "x"), "modelopt": ("tab:purple", "D"), "manifest": ("tab:orange", "P"),
+              "finetune": ("tab:cyan", "v")}
 
 
 def _rows(results) -> list[dict]:
@@ -93,6 +94,23 @@ def _bitmap_png(manifest, layers) -> bytes:
     return buf.getvalue()
 
 
+def _finetune_section(results) -> list[str]:
+    tuned = [r for r in results if r.manifest.origin.get("kind") == "finetune"]
+    if not tuned:
+        return []
+    base = results[0].result.map50_95
+    lines = ["## Fine-tuning", "", "Distilled from the float model on the calibration images only (no evaluation "
+             "image is trained on); quantizer formats unchanged.", "",
+             "| scheme | before | after | Δ vs FP32 before → after (points) | mode | steps | time |", "|---|---|---|---|---|---|---|"]
+    for r in tuned:
+        o, ft = r.manifest.origin, r.manifest.origin["finetune"]
+        b, a = o["base_map50_95"], r.result.map50_95
+        lines.append(f"| {o['base']} | {b:.4f} | {a:.4f} | {(b - base) * 100:+.2f} → {(a - base) * 100:+.2f} | "
+                     f"{ft['mode']} (lr {ft['lr']:g}{', LSQ scales' if ft['learn_scales'] else ''}) | {ft['steps']} | "
+                     f"{ft['seconds']:.0f} s on {ft['device']} |")
+    return lines + [""]
+
+
 def write_study_report(cfg, results, reports, folder: Path) -> dict:
     rows = _rows(results)
     buf = io.StringIO()
@@ -113,7 +131,9 @@ def write_study_report(cfg, results, reports, folder: Path) -> dict:
         lines.append(f"| {r['scheme']} | {r['kind']} | {r['map50_95']:.4f} | {r['map50']:.4f} | {-r['drop_points']:+.2f} | "
                      f"{r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | {r['mean_act_bits']:.1f} | "
                      f"{r['weight_mb']:.2f} | {pdmg} |")
-    lines += ["", "![accuracy vs weight bits](pareto.png)", "", "## Which scheme to pick", ""]
+    lines += ["", "![accuracy vs weight bits](pareto.png)", ""]
+    lines += _finetune_section(results)
+    lines += ["## Which scheme to pick", ""]
     for d, r in decisions.items():
         lines.append(f"- Within {d:g} mAP point(s) of FP32, fewest weight bits: "
                      + (f"**{r['scheme']}** ({r['effective_weight_bits']:.2f} bits, {r['int4_share']:.0%} INT4, "

@@ -194,7 +194,7 @@ def register(name: str, needs_labels: bool = False):
 
 
 def get_method(name: str) -> Method:
-    from lowbit.sensitivity import ablation, distortion, gradient  # noqa: F401  (they register themselves)
+    from lowbit.sensitivity import ablation, distortion, gradient, onnx_node  # noqa: F401  (they register themselves)
 
     if name not in METHODS:
         raise LowbitError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}")

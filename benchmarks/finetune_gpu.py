@@ -1,0 +1,96 @@
+"""Distillation fine-tuning vs block-wise reconstruction on YOLOv10n, on the H100 (docs/results.md, section 7).
+
+    bash benchmarks/finetune_gpu.sh            # on the lent GPU machine; see that script for the carried files
+
+Training images: 160 coco-calib-train images (.carry/ft/train, no labels read). Variants are chosen on 32
+other, labelled coco-calib-train images (.carry/ft/dev); coco-val200 is never seen here: the best variant
+of each scheme comes back as a checkpoint and is evaluated on coco-val200 on the CPU:
+
+    .venv/bin/lowbit eval -m <returned checkpoint folder> -d ../shared/assets/coco-val200/coco-val200.yaml --batch 8
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+
+from lowbit.data.datasets import load_dataset
+from lowbit.data.loader import make_batches
+from lowbit.evaluate.coco import evaluate
+from lowbit.finetune.distill import FinetuneConfig, finetune
+from lowbit.models.ultralytics import load_detector
+from lowbit.quantize.apply import apply_manifest, save_quantized
+from lowbit.quantize.manifest import Manifest
+
+VARIANTS = {
+    "distill-e10-lr1e-5": FinetuneConfig(epochs=10, lr=1e-5, batch=16),
+    "distill-e10-lr1e-4": FinetuneConfig(epochs=10, lr=1e-4, batch=16),
+    "distill-e10-lr1e-5-lsq": FinetuneConfig(epochs=10, lr=1e-5, batch=16, learn_scales=True),
+    "distill-e10-lr1e-5-feat": FinetuneConfig(epochs=10, lr=1e-5, batch=16, feature_weight=1.0),
+    "distill-e30-lr1e-5": FinetuneConfig(epochs=30, lr=1e-5, batch=16),
+    "distill-e60-lr1e-4": FinetuneConfig(epochs=60, lr=1e-4, batch=16),
+    "distill-e60-lr1e-4-lsq": FinetuneConfig(epochs=60, lr=1e-4, batch=16, learn_scales=True),
+    "distill-e60-lr3e-5": FinetuneConfig(epochs=60, lr=3e-5, batch=16),
+    "distill-e60-lr3e-5-aug": FinetuneConfig(epochs=60, lr=3e-5, batch=16, scale_jitter=0.4, color_jitter=0.3),
+    "distill-e60-lr1e-4-aug": FinetuneConfig(epochs=60, lr=1e-4, batch=16, scale_jitter=0.4, color_jitter=0.3),
+    "distill-e120-lr3e-5-aug": FinetuneConfig(epochs=120, lr=3e-5, batch=16, scale_jitter=0.4, color_jitter=0.3),
+    "blocks-200-lr1e-4": FinetuneConfig(mode="blocks", block_steps=200, lr=1e-4, batch=16),
+    "blocks-200-lr1e-5": FinetuneConfig(mode="blocks", block_steps=200, lr=1e-5, batch=16),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", default="W4A16,.carry/ft/schemes/budget-5.6.json,.carry/ft/schemes/budget-4.5.json")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-train", type=int, default=None, help="fewer training images, for a smoke run")
+    a = ap.parse_args()
+    dev = a.device
+    det = load_detector("lowbit/assets/yolov10n.pt")
+    det.net.to(dev)
+    train = load_dataset(".carry/ft/train/images").subset(a.max_train)
+    held = load_dataset(".carry/ft/dev/annotations/instances_dev.json", ".carry/ft/dev/images")
+    calib = make_batches(train.subset(64), batch_size=8)
+    held_b = make_batches(held, batch_size=16)
+    log = open(f"{a.out}/finetune-log.jsonl", "a")
+
+    def dev_map(net):
+        return evaluate(net, held, det.names, batch_size=16, device=dev, batches=held_b, progress=False).map50_95
+
+    print("FP32 dev mAP", round(dev_map(det.net), 4), flush=True)
+    for spec in a.schemes.split(","):
+        m = Manifest.load(spec) if spec.endswith(".json") else Manifest.uniform(det.source, det.layers(), spec)
+        m.model = det.source
+        t = time.perf_counter()
+        base = apply_manifest(det, m, calib)
+        ptq_s = time.perf_counter() - t
+        before = dev_map(base)
+        print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {before:.4f}", flush=True)
+        best = (before, "none", base)
+        for name in a.variants.split(","):
+            cfg = VARIANTS[name]
+            net = copy.deepcopy(base)
+            batches = make_batches(train, batch_size=cfg.batch)
+            res = finetune(net, det.net, batches, cfg, dev, progress=False)  # its timer syncs the GPU
+            after = dev_map(net)
+            rec = {"scheme": m.name, "variant": name, "dev_before": before, "dev_after": after, **res.model_dump(),
+                   "train_images": len(train),
+                   "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.first_loss:.4g} -> {res.last_loss:.4g}, "
+                  f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
+            if after > best[0]:
+                best = (after, name, net)
+        m.origin = {**m.origin, "finetune": {"variant": best[1], **(VARIANTS[best[1]].model_dump() if best[1] in VARIANTS else {})}}
+        save_quantized(best[2].cpu(), m, f"{a.out}/{m.name.replace('.', '_')}")
+        print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

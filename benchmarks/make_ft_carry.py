@@ -1,0 +1,44 @@
+"""Build .carry/ft for benchmarks/finetune_gpu.sh: coco-calib-train images that fit the device's 64 MiB carry.
+
+32 images (seed 0) are held out, with labels, to choose between fine-tuning variants; the next ones, in the
+same shuffled order, up to 26.5 MB of JPEGs, are the training images. Scheme manifests are copied from a
+study's cache: `python3 benchmarks/make_ft_carry.py runs/study-yolov10n/cache/eval-*/result.json`.
+"""
+
+import json
+import os
+import random
+import shutil
+import sys
+
+SRC = "../shared/assets/coco-calib-train"
+DST = ".carry/ft"
+WANT = {"budget-weight_bits-5.6": "budget-5.6", "budget-weight_bits-4.5": "budget-4.5"}
+
+j = json.load(open(f"{SRC}/annotations/instances_coco-calib-train.json"))
+ims = sorted(j["images"], key=lambda x: x["file_name"])
+random.Random(0).shuffle(ims)
+held, rest = ims[:32], ims[32:]
+train, total = [], 0
+for im in rest:
+    size = os.path.getsize(f"{SRC}/images/{im['file_name']}")
+    if total + size > 26_500_000:
+        break
+    train.append(im)
+    total += size
+shutil.rmtree(DST, ignore_errors=True)
+for name, sel in [("train", train), ("dev", held)]:
+    os.makedirs(f"{DST}/{name}/images")
+    os.makedirs(f"{DST}/{name}/annotations")
+    ids = {im["id"] for im in sel}
+    sub = dict(j, images=sel, annotations=[a for a in j["annotations"] if a["image_id"] in ids])
+    json.dump(sub, open(f"{DST}/{name}/annotations/instances_{name}.json", "w"))
+    for im in sel:
+        shutil.copy(f"{SRC}/images/{im['file_name']}", f"{DST}/{name}/images/")
+os.makedirs(f"{DST}/schemes")
+for path in sys.argv[1:]:
+    m = json.load(open(path))["manifest"]
+    if m["name"] in WANT:
+        m["model"] = "lowbit/assets/yolov10n.pt"
+        json.dump(m, open(f"{DST}/schemes/{WANT[m['name']]}.json", "w"))
+print(f"{len(train)} training images ({total / 1e6:.1f} MB), {len(held)} held out")

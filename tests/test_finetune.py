@@ -1,0 +1,111 @@
+"""Distillation fine-tuning and block reconstruction on the real YOLOv10n at a small image size (CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.finetune.distill import FinetuneConfig, _head, finetune, head_loss
+from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized, verify
+from lowbit.quantize.manifest import Manifest
+
+IMGSZ = 128
+
+
+@pytest.fixture(scope="module")
+def small(assets):
+    from lowbit.models.ultralytics import load_detector
+
+    return load_detector(assets["model"], imgsz=IMGSZ)
+
+
+@pytest.fixture(scope="module")
+def batches(assets):
+    from lowbit.data.datasets import load_dataset
+    from lowbit.data.loader import make_batches
+
+    return make_batches(load_dataset(assets["calib"]), IMGSZ, 8)
+
+
+@pytest.fixture(scope="module")
+def w4(small, batches):
+    m = Manifest.uniform(small.source, small.layers(), "W4A16", weight_clip="max", imgsz=IMGSZ)
+    return m, apply_manifest(small, m, batches)
+
+
+def _distance(net, teacher, batches):
+    reg_max = teacher.model[-1].reg_max
+    with torch.no_grad():
+        return sum(float(head_loss(_head(net(b.images)), _head(teacher(b.images)), reg_max)) for b in batches)
+
+
+def test_head_loss_is_zero_only_at_agreement(small, batches):
+    with torch.no_grad():
+        t = _head(small.net(batches[0].images))
+    assert abs(float(head_loss(t, t, 16))) < 1e-5
+    s = {k: v + 0.5 * torch.randn_like(v) if k != "feats" else v for k, v in t.items()}
+    assert float(head_loss(s, t, 16)) > 0.01
+
+
+@pytest.mark.parametrize("cfg", [FinetuneConfig(epochs=4, lr=1e-4, flip=False),
+                                 FinetuneConfig(epochs=4, lr=1e-4, learn_scales=True),
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4)],
+                         ids=["distill", "distill-lsq", "blocks"])
+def test_finetune_brings_the_quantized_model_closer_to_its_teacher(small, batches, w4, cfg):
+    manifest, base = w4
+    net = copy.deepcopy(base)
+    before = _distance(net, small.net, batches)
+    res = finetune(net, small.net, batches, cfg, progress=False)
+    assert res.steps > 0
+    assert _distance(net, small.net, batches) < 0.9 * before
+    verify(net, manifest.layers)  # still exactly the manifest's formats
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_zero_learning_rate_changes_nothing_and_the_result_restores(tmp_path, small, batches, w4):
+    manifest, base = w4
+    x = batches[0].images
+    with torch.no_grad():
+        ref = base(x)[0]
+    net = copy.deepcopy(base)
+    finetune(net, small.net, batches, FinetuneConfig(epochs=1, lr=0.0, learn_scales=True), progress=False)
+    with torch.no_grad():
+        out = net(x)[0]
+    assert torch.allclose(out, ref, atol=1e-3 * float(ref.abs().max()))  # the LSQ twin is ModelOpt's quantizer
+    finetune(net, small.net, batches, FinetuneConfig(epochs=2, lr=1e-4), progress=False)
+    save_quantized(net, manifest, tmp_path / "ckpt")
+    restored, _ = load_quantized(tmp_path / "ckpt", small)
+    with torch.no_grad():
+        assert torch.equal(restored(x)[0], net(x)[0])
+        assert not torch.equal(restored(x)[0], ref)
+
+
+def test_run_finetune_refuses_to_train_on_evaluation_images(tmp_path, small, batches, w4, assets):
+    from lowbit.api import DataConfig, FinetuneRunConfig, run_finetune
+
+    manifest, base = w4
+    save_quantized(base, manifest, tmp_path / "ckpt")
+    val = DataConfig(path=assets["val"])
+    cfg = FinetuneRunConfig(checkpoint=str(tmp_path / "ckpt"), calib=val, eval=val)
+    with pytest.raises(LowbitError, match="share 32 image"):
+        run_finetune(cfg, tmp_path / "run", progress=False)
+    cfg = FinetuneRunConfig(checkpoint=str(tmp_path / "ckpt"), calib=DataConfig(path=assets["calib"]),
+                            finetune=FinetuneConfig(label_weight=1.0))
+    with pytest.raises(LowbitError, match="needs labelled images"):
+        run_finetune(cfg, tmp_path / "run2", progress=False)
+
+
+def test_cli_finetune_writes_a_checkpoint_and_before_after(tmp_path, small, batches, w4, assets):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    manifest, base = w4
+    save_quantized(base, manifest, tmp_path / "ckpt")
+    r = CliRunner().invoke(app, ["finetune", "-c", str(tmp_path / "ckpt"), "--calib", assets["calib"], "-d", assets["val"],
+                                 "--max-images", "8", "--epochs", "1", "--lr", "1e-4", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "mAP50-95" in r.output and (tmp_path / "run" / "checkpoint" / "modelopt.pth").is_file()
+    net, m = load_quantized(tmp_path / "run" / "checkpoint")
+    assert m.origin["finetune"]["mode"] == "distill" and m.imgsz == IMGSZ
