@@ -195,7 +195,8 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
     run.write_json("config.json", cfg)
     options = {"weight_clip": cfg.weight_clip}
     if cfg.model.endswith(".onnx"):  # no PyTorch source: only the ONNX-native method applies
-        from lowbit.sensitivity.onnx_node import load_graph, onnx_layers
+        from lowbit.export.onnx_native import load_graph
+        from lowbit.sensitivity.onnx_node import onnx_layers
 
         if set(methods) != {"onnx"}:
             raise LowbitError(f"{cfg.model}: an ONNX model is scored by the 'onnx' method only; "

@@ -69,18 +69,29 @@ def _input_ranges(model, tensors: list[str], images: np.ndarray) -> dict[str, fl
     return amax
 
 
+def load_graph(path: str | Path):
+    """A float ONNX graph at lowbit's opset (Q/DQ with INT4 and block sizes needs opset 21)."""
+    import onnx
+    from onnx import version_converter
+
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
+    if model.opset_import[0].version < OPSET:
+        model = version_converter.convert_version(model, OPSET)
+    return model
+
+
 def quantize_onnx(src: str | Path, manifest: Manifest, out: str | Path, calib_images: np.ndarray | None = None) -> ExportInfo:
     """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`."""
     import onnx
-    from onnx import numpy_helper, version_converter
+    from onnx import numpy_helper
 
-    src = Path(src)
-    try:
-        model = onnx.load(str(src))
-    except Exception as e:
-        raise LowbitError(f"{src}: not a readable ONNX file ({e})") from None
-    if model.opset_import[0].version < OPSET:
-        model = version_converter.convert_version(model, OPSET)
+    model = load_graph(src)
     weights = conv_layers(model)
     missing = [n for n in manifest.layers if n not in weights]
     if missing:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from pathlib import Path
-
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.export.onnx_native import load_graph
 from lowbit.sensitivity.base import ScoreStore, SensitivityContext, register
 
 
@@ -29,24 +28,6 @@ def _is_dfl(name: str, w: np.ndarray) -> bool:
     # Ultralytics' DFL conv: one output channel whose fixed weights are 0..reg_max-1
     return name.endswith(".dfl.conv") or (w.ndim == 4 and w.shape[0] == 1 and w.shape[2:] == (1, 1)
                                           and np.allclose(w.reshape(-1), np.arange(w.shape[1])))
-
-
-def load_graph(path: str | Path):
-    import onnx
-    from onnx import version_converter
-
-    from lowbit.export.onnx_qdq import OPSET
-
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"{path}: ONNX file not found")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
-    if model.opset_import[0].version < OPSET:
-        model = version_converter.convert_version(model, OPSET)
-    return model
 
 
 def conv_weights(model) -> dict[str, np.ndarray]:
