@@ -120,7 +120,7 @@ class _LsqWeight(torch.nn.Module):
         return torch.clamp(_RoundSTE.apply(w.float() * scale), -self.qmax - 1, self.qmax).div(scale).to(w.dtype)
 
     def amax(self) -> torch.Tensor:
-        return (self.amax0 * self.delta.detach().exp())
+        return self.amax0 * self.delta.detach().exp()
 
 
 class _LearnedScales:
@@ -160,10 +160,6 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not f".{name}".endswith(ALWAYS_FLOAT_SUFFIXES):
             out += [p for p in (mod.weight, mod.bias) if p is not None]
     return out
-
-
-def _detect_layer(net: torch.nn.Module):
-    return net.model[-1]
 
 
 def _schedule(opt, steps: int):
@@ -214,7 +210,7 @@ def _distill(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> t
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     steps = cfg.epochs * len(batches)
     sched = _schedule(opt, steps)
-    reg_max = _detect_layer(teacher).reg_max
+    reg_max = teacher.model[-1].reg_max
     criterion = _label_criterion(student) if cfg.label_weight else None
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
@@ -303,7 +299,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     xs_t = list(xs_s)
     ys_s: list[list] = [[] for _ in batches]
     ys_t: list[list] = [[] for _ in batches]
-    reg_max = _detect_layer(teacher).reg_max
+    reg_max = teacher.model[-1].reg_max
     scales = _LearnedScales(student) if cfg.learn_scales else None
     gen = torch.Generator().manual_seed(cfg.seed)
     total, first, last = 0, [], []
