@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.onnx_qdq import export_qdq_onnx, tensorrt_verdict
+from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx, tensorrt_verdict
 from lowbit.formats import parse_format
 from lowbit.quantize.apply import apply_manifest
 from lowbit.quantize.manifest import Manifest
@@ -82,10 +82,17 @@ def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny
     rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=1, reps=3)}
     assert rows["ort-cpu"].present and rows["ort-cpu"].median_ms > 0
     assert not rows["ort-cuda"].present and rows["ort-cuda"].median_ms is None and "absent" in rows["ort-cuda"].note
+    ov = rows["openvino-cpu"]  # in the pinned stack: it must run, and say what precision the convs ran in
+    assert ov.present and ov.median_ms > 0
+    # (on this random-weight model a few Q/DQ convs stay f32; on the real YOLOv10n all 82 run as u8)
+    assert sum(n for p, n in ov.executed.items() if p in ("u8", "i8")) > len(m.layers) // 2, ov.executed
+    onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
+    fl = {r.runtime: r for r in bench.bench(tmp_path / "f.onnx", threads=1, warmup=0, reps=1)}["openvino-cpu"]
+    assert set(fl.executed) <= {"f32", "bf16"}, fl.executed
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=0, reps=1)}
-    assert not rows["tensorrt"].present and not rows["openvino"].present
+    assert not rows["tensorrt"].present and not rows["openvino-cpu"].present
 
 
 def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):

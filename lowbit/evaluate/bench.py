@@ -22,6 +22,7 @@ class BenchResult(BaseModel):
     median_ms: float | None = None
     p90_ms: float | None = None
     throughput_ips: float | None = None
+    executed: dict[str, int] | None = None  # convolutions per precision the runtime actually ran them in
 
 
 def _ort_providers() -> list[str]:
@@ -36,10 +37,46 @@ def runtimes() -> dict[str, tuple[bool, str]]:
     return {
         "ort-cpu": ("CPUExecutionProvider" in providers, "onnxruntime CPUExecutionProvider"),
         "ort-cuda": ("CUDAExecutionProvider" in providers, "needs onnxruntime-gpu"),
-        "openvino": (importlib.util.find_spec("openvino") is not None, "needs the openvino package; lowbit has no runner for it yet"),
+        "openvino-cpu": (importlib.util.find_spec("openvino") is not None, "needs the openvino package"),
         "tensorrt": (importlib.util.find_spec("tensorrt") is not None or shutil.which("trtexec") is not None,
                      "needs TensorRT (python package or trtexec); lowbit has no runner for it yet"),
     }
+
+
+def _timed(run, x, warmup: int, reps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        run(x)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def _time_openvino(path: Path, threads: int | None, warmup: int, reps: int) -> BenchResult:
+    """OpenVINO on the CPU, latency hint; which precision each convolution really ran in comes from the
+    compiled model's runtime graph (`runtimePrecision`), so an INT8 claim is checked, not assumed."""
+    from collections import Counter
+
+    import openvino as ov
+
+    core = ov.Core()
+    cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    try:
+        compiled = core.compile_model(str(path), "CPU", cfg)
+    except RuntimeError as e:
+        return BenchResult(runtime="openvino-cpu", present=True, note=f"cannot compile: {str(e).splitlines()[0]}")
+    shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).partial_shape]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    req = compiled.create_infer_request()
+    med, p90 = _timed(lambda v: req.infer({0: v}), x, warmup, reps)
+    executed = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+                       if op.get_rt_info()["layerType"].astype(str) == "Convolution")
+    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return BenchResult(runtime="openvino-cpu", present=True, batch=shape[0], threads=threads, median_ms=med, p90_ms=p90,
+                       throughput_ips=shape[0] * 1e3 / med, executed=dict(executed),
+                       note=f"convs ran as {', '.join(f'{n} {p}' for p, n in executed.most_common())}; float ops as {hint}")
 
 
 def _time_ort(path: Path, provider: str, threads: int | None, warmup: int, reps: int) -> BenchResult:
@@ -49,16 +86,9 @@ def _time_ort(path: Path, provider: str, threads: int | None, warmup: int, reps:
     inp = runner.session.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    for _ in range(warmup):
-        runner.session.run(None, {inp.name: x})
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        runner.session.run(None, {inp.name: x})
-        times.append((time.perf_counter() - t) * 1e3)
-    med = float(np.median(times))
+    med, p90 = _timed(lambda v: runner.session.run(None, {inp.name: v}), x, warmup, reps)
     return BenchResult(runtime=runner.name, present=True, batch=shape[0], threads=threads, median_ms=med,
-                       p90_ms=float(np.percentile(times, 90)), throughput_ips=shape[0] * 1e3 / med)
+                       p90_ms=p90, throughput_ips=shape[0] * 1e3 / med)
 
 
 def bench(path: str | Path, threads: int | None = None, warmup: int = 5, reps: int = 30) -> list[BenchResult]:
@@ -72,6 +102,8 @@ def bench(path: str | Path, threads: int | None = None, warmup: int = 5, reps: i
         elif name.startswith("ort-"):
             provider = "CPUExecutionProvider" if name == "ort-cpu" else "CUDAExecutionProvider"
             out.append(_time_ort(path, provider, threads, warmup, reps))
+        elif name == "openvino-cpu":
+            out.append(_time_openvino(path, threads, warmup, reps))
         else:
             out.append(BenchResult(runtime=name, present=True, note=note))
     return out

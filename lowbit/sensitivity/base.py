@@ -107,7 +107,8 @@ class SingleLayerProbe:
         if clip != "max":  # probe the format as it will be materialized
             from lowbit.quantize.refine import refine_weights
 
-            refine_weights(self.net, ctx.detector.net, assign, ctx.batches, clip)
+            # input statistics depend on the float model and images only: one pass serves every format
+            refine_weights(self.net, ctx.detector.net, assign, ctx.batches, clip, ctx.options.setdefault("gram_cache", {}))
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
                                                     for a in ("weight_quantizer", "input_quantizer"))
                                         if q is not None and q.is_enabled] for layer in ctx.layers}

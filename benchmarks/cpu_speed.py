@@ -1,0 +1,67 @@
+"""Deployed speed on this CPU: FP32 vs Q/DQ ONNX on ONNX Runtime and OpenVINO (docs/results.md, section 6).
+
+    .venv/bin/python benchmarks/cpu_speed.py [--manifest runs/.../result.json ...] --out docs/data/cpu-speed.json
+
+YOLOv10n (the carried weights) and YOLOv10m (from yaml) at 640x640, batch 1, 2 threads; uniform W8A8
+(per-channel INT8 weights, per-tensor INT8 activations; ModelOpt max calibration on the 16 carried
+calibration images; rounding does not change speed) plus any YOLOv10n manifests given. Each runtime
+reports which precision the convolutions really ran in.
+"""
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import onnx
+
+from lowbit.api import demo_assets
+from lowbit.data.datasets import load_dataset
+from lowbit.data.loader import make_batches
+from lowbit.evaluate.bench import bench
+from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
+from lowbit.models.ultralytics import load_detector
+from lowbit.quantize.apply import apply_manifest
+from lowbit.quantize.manifest import Manifest
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--manifest", action="append", default=[], help="a manifest json (or a study result.json) for YOLOv10n")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--work", default="runs/cpu-speed")
+    ap.add_argument("--out", default="docs/data/cpu-speed.json")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    assets = demo_assets()
+    calib = make_batches(load_dataset(assets["calib"]), 640, 8)
+    results = {}
+    for model in (assets["model"], "yolov10m.yaml"):
+        det = load_detector(model)
+        tag = "yolov10n" if model.endswith(".pt") else "yolov10m"
+        schemes = {"FP32": None, "W8A8": Manifest.uniform(model, det.layers(), "W8A8", weight_clip="max")}
+        if tag == "yolov10n":
+            for p in a.manifest:
+                data = json.loads(Path(p).read_text())
+                m = Manifest.model_validate(data.get("manifest", data))
+                m.model, m.weight_clip = model, "max"
+                schemes[m.name] = m
+        for name, m in schemes.items():
+            path = work / f"{tag}-{name.replace('+', '_')}.onnx"
+            if not path.is_file():
+                if m is None:
+                    onnx.save(export_float_onnx(copy.deepcopy(det.net), 640), str(path))
+                else:
+                    export_qdq_onnx(det.net, apply_manifest(det, m, calib).cpu(), m, path)
+            rows = bench(path, a.threads, reps=a.reps)
+            results[f"{tag} {name}"] = [r.model_dump() for r in rows if r.present]
+            for r in rows:
+                if r.present:
+                    print(f"{tag:9s} {name:28s} {r.runtime:18s} {r.median_ms:7.1f} ms  p90 {r.p90_ms:7.1f}  {r.note}", flush=True)
+    Path(a.out).write_text(json.dumps({"threads": a.threads, "batch": 1, "imgsz": 640, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
