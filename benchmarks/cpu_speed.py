@@ -59,7 +59,8 @@ def main():
             results[f"{tag} {name}"] = [r.model_dump() for r in rows if r.present]
             for r in rows:
                 if r.present:
-                    print(f"{tag:9s} {name:28s} {r.runtime:18s} {r.median_ms:7.1f} ms  p90 {r.p90_ms:7.1f}  {r.note}", flush=True)
+                    timing = f"{r.median_ms:7.1f} ms  p90 {r.p90_ms:7.1f}" if r.median_ms else "      -"
+                    print(f"{tag:9s} {name:28s} {r.runtime:18s} {timing}  {r.note}", flush=True)
     Path(a.out).write_text(json.dumps({"threads": a.threads, "batch": 1, "imgsz": 640, "results": results}, indent=1))
 
 

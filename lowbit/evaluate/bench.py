@@ -65,8 +65,10 @@ def _time_openvino(path: Path, threads: int | None, warmup: int, reps: int) -> B
     cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     try:
         compiled = core.compile_model(str(path), "CPU", cfg)
-    except RuntimeError as e:
-        return BenchResult(runtime="openvino-cpu", present=True, note=f"cannot compile: {str(e).splitlines()[0]}")
+    except RuntimeError as e:  # OpenVINO nests its reason under several "Exception from <file>" lines
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Exception from")]
+        why = next((line for line in lines if "THROWN" in line), lines[-1] if lines else str(e))
+        return BenchResult(runtime="openvino-cpu", present=True, note=f"cannot compile: {why[:300]}")
     shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).partial_shape]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     req = compiled.create_infer_request()
