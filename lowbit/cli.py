@@ -135,14 +135,18 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            topk: Optional[str] = typer.Option(None, help="comma list of K: K most sensitive layers at --high, the rest at --low"),
            low: str = "W4A16", high: str = "W8A16",
            pareto: int = typer.Option(0, help="points on the damage/cost front"),
-           cost: str = typer.Option("weight_bits", help="weight_bits or bitops"),
+           cost: str = typer.Option("weight_bits", help="weight_bits, bitops, or latency (needs --latency-table)"),
+           latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then milliseconds of conv time"),
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
     from lowbit.search import allocate
     from lowbit.sensitivity.report import SensitivityReport
 
-    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost)
+    from lowbit.io import read_json
+
+    table = read_json(latency_table)["layers"] if latency_table else None
+    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost, table)
     manifests = [allocate.budget(p, float(b)) for b in (budget.split(",") if budget else [])]
     manifests += [allocate.top_k(p, int(k), low, high) for k in (topk.split(",") if topk else [])]
     manifests += allocate.pareto(p, pareto) if pareto else []
@@ -274,6 +278,25 @@ def bench(models: list[Path] = typer.Argument(..., help="one or more .onnx files
     console.print(t)
     if out:
         write_json(out, everything)
+
+
+@app.command("latency-table")
+def latency_table(float_model: Path = typer.Argument(..., help="the float .onnx"),
+                  quantized: list[str] = typer.Option(..., "--format", "-f", help="FORMAT=q.onnx, a Q/DQ graph of that format (repeat)"),
+                  threads: Optional[int] = typer.Option(None, help="inference threads"), reps: int = 20,
+                  out: Path = typer.Option(..., "--out", "-o", help="the JSON table to write")):
+    """Per-layer conv latency at each precision from OpenVINO's CPU profiler, for `lowbit search --cost latency`."""
+    from lowbit.evaluate.layer_latency import latency_table as build
+    from lowbit.io import write_json
+
+    pairs = dict(q.split("=", 1) for q in quantized if "=" in q)
+    if len(pairs) != len(quantized):
+        raise LowbitError("--format takes FORMAT=path.onnx")
+    table = build(float_model, pairs, threads, reps)
+    write_json(out, table)
+    conv = {f: sum(v.get(f, 0.0) for v in table["layers"].values()) for f in ["FP16", *pairs]}
+    console.print(f"{len(table['layers'])} convs; conv time per graph (profiler ms): "
+                  + ", ".join(f"{f} {ms:.1f}" for f, ms in conv.items()) + f"; everything else {table['fixed_ms']:.1f} ms")
 
 
 @app.command()

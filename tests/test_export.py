@@ -121,3 +121,26 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")})
     with pytest.raises(LowbitError, match="names layer 'model.99.conv'"):
         quantize_onnx(src, bad, tmp_path / "y.onnx")
+
+
+def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches):
+    """OpenVINO's profiler times each conv of the float and the Q/DQ graph under its PyTorch layer name."""
+    from lowbit.evaluate.layer_latency import latency_table
+    from lowbit.search import allocate
+    from lowbit.sensitivity.report import build_report
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
+    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
+    onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
+    table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2)
+    layers = table["layers"]
+    assert set(m.layers) <= set(layers) and all(v["FP16"] > 0 and "W8A8" in v for v in layers.values())
+    assert table["fixed_ms"] > 0
+    quantizable = tiny.quantizable_layers()
+    rep = build_report("tiny", "t", ["W8A8"], quantizable, {x.name: {"W8A8": 1.0} for x in quantizable}, 1, 64, "cpu", 0.0)
+    p = allocate.Problem(rep, ["W8A8"], cost="latency", latency_table=layers)
+    lo, hi = p.bounds()
+    limit = (lo + hi) / 2
+    chosen = allocate.budget(p, limit)
+    full = {x.name: chosen.layers.get(x.name, allocate.FP16) for x in p.layers}
+    assert p.total(full)[1] <= limit + 1e-9  # (at 64 px int8 convs are not always the cheaper choice)
