@@ -290,6 +290,27 @@ def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, bat
     return out
 
 
+def _speed_vs_float(det, imgsz: int, qdq_path, float_path) -> list[dict]:
+    """Batch-1 latency of the float and the Q/DQ ONNX on every runtime present (`lowbit bench`)."""
+    import copy
+
+    import onnx
+
+    from lowbit.evaluate.bench import bench
+    from lowbit.export.onnx_qdq import export_float_onnx
+
+    onnx.save(export_float_onnx(copy.deepcopy(det.net), imgsz), str(float_path))
+    base = {r.runtime: r for r in bench(float_path, reps=20) if r.present}
+    rows = []
+    for r in bench(qdq_path, reps=20):
+        if not r.present:
+            continue
+        f = base.get(r.runtime)
+        rows.append({"runtime": r.runtime, "float_ms": f.median_ms if f else None, "ms": r.median_ms,
+                     "speedup": f.median_ms / r.median_ms if f and f.median_ms and r.median_ms else None, "note": r.note})
+    return rows
+
+
 def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalset, run, progress) -> dict:
     """The recommended scheme as a Q/DQ ONNX: parity with PyTorch and its mAP under ONNX Runtime."""
     import torch
@@ -310,6 +331,7 @@ def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalse
     ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=res.manifest.name,
                    batches=make_batches(evalset, cfg.imgsz, 1, progress=False))
     out = {"export": info.model_dump(), "ort_map50_95": ort.map50_95, "torch_map50_95": res.result.map50_95,
-           "ort_latency_ms": ort.latency.median_ms, "runtime": ort.runtime}
+           "ort_latency_ms": ort.latency.median_ms, "runtime": ort.runtime,
+           "speed": _speed_vs_float(det, cfg.imgsz, info.path, run.file("float.onnx"))}
     append_onnx_section(run.path, res.manifest.name, out)
     return out

@@ -44,7 +44,7 @@ def test_bad_study_config_names_the_field(tmp_path):
 
 
 def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
-    cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "export_onnx": False,
+    cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "export_onnx": True,
            "calib": {"path": assets["calib"], "max_images": 8}, "eval": {"path": assets["val"], "max_images": 4},
            "search": [], "uniform": ["W4A16"], "max_drop_points": [100],
            "finetune": {"schemes": ["W4A16"], "config": {"epochs": 1, "lr": 1e-4, "batch": 4}}}
@@ -56,6 +56,8 @@ def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
     assert rows["W4A16+ft"]["kind"] == "finetune" and rows["W4A16+ft"]["int4_share"] == 1.0
     report = (out / "study-report.md").read_text()
     assert "## Fine-tuning" in report and "| W4A16 |" in report
+    # the recommended scheme (fewest bits: W4A16 or its tuned twin) ships as ONNX, timed beside FP32
+    assert (out / "recommended.onnx").is_file() and "| ort-cpu |" in report and "| openvino-cpu |" in report
     assert first["work"] == {"evaluated": 3, "cached": 0}
     assert run_study(StudyConfig.load(p), out, progress=False)["work"] == {"evaluated": 0, "cached": 3}
     cfg["calib"] = cfg["eval"]  # training on the evaluation images is refused

@@ -152,6 +152,14 @@ def write_study_report(cfg, results, reports, folder: Path) -> dict:
             "recommended": recommended["scheme"] if recommended else None}
 
 
+def _ms(v) -> str:
+    return f"{v:.1f} ms" if v else "-"
+
+
+def _times(v) -> str:
+    return f"{v:.2f}x" if v else "-"
+
+
 def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
     e = out["export"]
     text = (folder / "study-report.md").read_text() + "\n".join([
@@ -161,5 +169,9 @@ def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
         f"- ONNX Runtime ({out['runtime']}) mAP50-95 {out['ort_map50_95']:.4f} vs PyTorch fake quant "
         f"{out['torch_map50_95']:.4f} (Δ {out['ort_map50_95'] - out['torch_map50_95']:+.4f})",
         f"- raw-output parity on 4 calibration images: max |Δ| {e['parity_max_abs']:.3g}, mean |Δ| {e['parity_mean_abs']:.3g}",
-        f"- TensorRT: {'buildable' if e['tensorrt_buildable'] else 'not buildable'}: {e['tensorrt_reason']}", ""])
+        f"- TensorRT: {'buildable' if e['tensorrt_buildable'] else 'not buildable'}: {e['tensorrt_reason']}", "",
+        "Deployed speed on this machine (batch 1, median; the float graph is lowbit's FP32 export):", "",
+        "| runtime | FP32 | this scheme | speed-up | note |", "|---|---|---|---|---|",
+        *[f"| {r['runtime']} | {_ms(r['float_ms'])} | {_ms(r['ms'])} | "
+          f"{_times(r['speedup'])} | {r['note']} |" for r in out.get("speed", [])], ""])
     atomic_write_text(folder / "study-report.md", text)
