@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from lowbit.data.datasets import Dataset, load_dataset
+from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import EvalResult, evaluate
@@ -273,7 +273,6 @@ class FinetuneRunConfig(BaseModel):
 
 def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     """Distill a quantized checkpoint from its float model; write the fine-tuned checkpoint and before/after mAP."""
-    from lowbit.data.datasets import assert_disjoint
     run = RunDir(out, "finetune")
     run.write_json("config.json", cfg)
     net, manifest = load_quantized(cfg.checkpoint)
