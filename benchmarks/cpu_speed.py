@@ -1,4 +1,5 @@
-"""Deployed speed on this CPU: FP32 vs Q/DQ ONNX on ONNX Runtime and OpenVINO (docs/results.md, section 6).
+"""Deployed speed: FP32 vs Q/DQ ONNX on every runtime present (docs/results.md, section 6): ONNX Runtime and
+OpenVINO on this CPU; on the H100, ONNX Runtime CUDA through benchmarks/ort_cuda_gpu.sh.
 
     .venv/bin/python benchmarks/cpu_speed.py [--manifest runs/.../result.json ...] --out docs/data/cpu-speed.json
 

@@ -39,13 +39,19 @@ VARIANTS = {
     "distill-e120-lr3e-5-aug": FinetuneConfig(epochs=120, lr=3e-5, batch=16, scale_jitter=0.4, color_jitter=0.3),
     "blocks-200-lr1e-4": FinetuneConfig(mode="blocks", block_steps=200, lr=1e-4, batch=16),
     "blocks-200-lr1e-5": FinetuneConfig(mode="blocks", block_steps=200, lr=1e-5, batch=16),
+    "adaround-nearest-500": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_start="nearest"),
+    "adaround-nearest-1500": FinetuneConfig(mode="adaround", block_steps=1500, batch=16, round_start="nearest"),
+    "adaround-nearest-1000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                   round_start="nearest"),
+    "adaround-1000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2),  # from GPTQ
 }
+# "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default="W4A16,.carry/ft/schemes/budget-5.6.json,.carry/ft/schemes/budget-4.5.json")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; a>b chains b after a")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-train", type=int, default=None, help="fewer training images, for a smoke run")
@@ -73,10 +79,16 @@ def main():
         print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {before:.4f}", flush=True)
         best = (before, "none", base)
         for name in a.variants.split(","):
-            cfg = VARIANTS[name]
             net = copy.deepcopy(base)
-            batches = make_batches(train, batch_size=cfg.batch)
-            res = finetune(net, det.net, batches, cfg, dev, progress=False)  # its timer syncs the GPU
+            stages = []
+            for part in name.split(">"):
+                cfg = VARIANTS[part]
+                batches = make_batches(train, batch_size=cfg.batch)
+                stages.append(finetune(net, det.net, batches, cfg, dev, progress=False))  # its timer syncs the GPU
+            res = stages[-1].model_copy(update={"mode": ">".join(r.mode for r in stages),
+                                                "steps": sum(r.steps for r in stages),
+                                                "seconds": sum(r.seconds for r in stages),
+                                                "first_loss": stages[0].first_loss})
             after = dev_map(net)
             rec = {"scheme": m.name, "variant": name, "dev_before": before, "dev_after": after, **res.model_dump(),
                    "train_images": len(train),
@@ -87,7 +99,8 @@ def main():
                   f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
             if after > best[0]:
                 best = (after, name, net)
-        m.origin = {**m.origin, "finetune": {"variant": best[1], **(VARIANTS[best[1]].model_dump() if best[1] in VARIANTS else {})}}
+        m.origin = {**m.origin, "finetune": {"variant": best[1],
+                                             "stages": [VARIANTS[v].model_dump() for v in best[1].split(">") if v in VARIANTS]}}
         save_quantized(best[2].cpu(), m, f"{a.out}/{m.name.replace('.', '_')}")
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
 

@@ -4,4 +4,4 @@
 # `python3 benchmarks/make_ft_carry.py`.
 set -uo pipefail
 source benchmarks/device_setup.sh
-python3 benchmarks/finetune_gpu.py --out $OUT "$@" 2>&1 | grep -v -i "warn"
+python3 benchmarks/finetune_gpu.py --out $OUT "$@" 2>&1 | grep --line-buffered -v -i "warn"

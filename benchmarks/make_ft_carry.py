@@ -2,7 +2,10 @@
 
 32 images (seed 0) are held out, with labels, to choose between fine-tuning variants; the next ones, in the
 same shuffled order, up to 26.5 MB of JPEGs, are the training images. Scheme manifests are copied from a
-study's cache: `python3 benchmarks/make_ft_carry.py runs/study-yolov10n/cache/eval-*/result.json`.
+study's cache or from manifest files (a recorded fine-tune is dropped, so the scheme starts from PTQ):
+
+    python3 benchmarks/make_ft_carry.py runs/study-yolov10n/cache/eval-*/result.json
+    python3 benchmarks/make_ft_carry.py docs/data/budget-5.6-distilled-manifest.json
 """
 
 import json
@@ -37,7 +40,9 @@ for name, sel in [("train", train), ("dev", held)]:
         shutil.copy(f"{SRC}/images/{im['file_name']}", f"{DST}/{name}/images/")
 os.makedirs(f"{DST}/schemes")
 for path in sys.argv[1:]:
-    m = json.load(open(path))["manifest"]
+    m = json.load(open(path))
+    m = m.get("manifest", m)
+    m["origin"].pop("finetune", None)
     if m["name"] in WANT:
         m["model"] = "lowbit/assets/yolov10n.pt"
         json.dump(m, open(f"{DST}/schemes/{WANT[m['name']]}.json", "w"))

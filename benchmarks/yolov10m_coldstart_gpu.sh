@@ -6,7 +6,7 @@
 set -uo pipefail
 source benchmarks/device_setup.sh
 CAL=.carry/calib64/annotations/instances_calib64.json
-python3 - <<'PY' 2>&1 | grep -v -i warn
+python3 - <<'PY' 2>&1 | grep --line-buffered -v -i warn
 import time, torch, modelopt.torch.quantization as mtq
 x = torch.rand(1, 3, 8, 8, device="cuda")
 for cfg in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):

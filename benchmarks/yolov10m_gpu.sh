@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# YOLOv10m (from yaml) on the H100: forward speed and sensitivity timing (docs/results.md).
+# YOLOv10m (from yaml) on the H100: forward speed (YOLOv10n too) and sensitivity timing (docs/results.md).
 # Needs .whl and .carry/calib64 carried.
 set -uo pipefail
 source benchmarks/device_setup.sh
 CAL=.carry/calib64/annotations/instances_calib64.json
-python3 benchmarks/yolov10m_speed_gpu.py 2>&1 | grep -v -i warn
+python3 benchmarks/gpu_speed.py 2>&1 | grep --line-buffered -v -i warn
 for clip in max gptq; do
   python3 -m lowbit.cli sensitivity -m yolov10m.yaml --calib $CAL --method distortion --clip $clip \
     --formats W4A16,W8A16,W8A8,W4A8-FP8 --images 16 --batch 16 --device cuda -o /tmp/runs/v10m-$clip 2>&1 | grep "most sensitive"

@@ -38,8 +38,10 @@ def _table(rows) -> Table:
             t.add_row(r.scheme, "-", "-", "-", f"{r.effective_weight_bits:.2f}", f"{r.int4_share:.0%}", "-", "-")
             continue
         delta = "" if base is None or r.scheme == "FP32" else f"{(res.map50_95 - base) * 100:+.1f} pt"
-        t.add_row(r.scheme, f"{res.map50_95:.3f}", f"{res.map50:.3f}", delta, f"{r.effective_weight_bits:.2f}",
-                  f"{r.int4_share:.0%}", f"{res.latency.median_ms:.1f} / {res.latency.p90_ms:.1f}", res.runtime)
+        known = r.effective_weight_bits == r.effective_weight_bits  # nan: a model whose scheme is not known
+        t.add_row(r.scheme, f"{res.map50_95:.3f}", f"{res.map50:.3f}", delta,
+                  f"{r.effective_weight_bits:.2f}" if known else "-", f"{r.int4_share:.0%}" if known else "-",
+                  f"{res.latency.median_ms:.1f} / {res.latency.p90_ms:.1f}", res.runtime)
     return t
 
 
@@ -76,7 +78,13 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
     cfg = EvalConfig(model=model, data=_data(data, images, max_images, seed), imgsz=imgsz, batch=batch,
                      device=device, threads=threads)
     res = run_eval(cfg, out)
-    console.print(_table([SchemeRow(scheme=Path(model).name, effective_weight_bits=float("nan"), int4_share=0,
+    bits, int4 = float("nan"), float("nan")  # unknown for a float model or an ONNX file
+    if (Path(model) / "manifest.json").is_file():  # a quantized checkpoint states its scheme
+        from lowbit.quantize.manifest import Manifest
+
+        stats = Manifest.load(Path(model) / "manifest.json").stats
+        bits, int4 = stats.effective_weight_bits, stats.int4_share
+    console.print(_table([SchemeRow(scheme=Path(model).name, effective_weight_bits=bits, int4_share=int4,
                                     quantize_s=0, result=res)]))
 
 
@@ -203,10 +211,16 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              calib_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
              max_images: Optional[int] = None,
-             mode: str = typer.Option("distill", help="distill (end to end) or blocks (block-wise reconstruction)"),
+             mode: str = typer.Option("distill", help="distill (end to end), blocks (block-wise reconstruction) "
+                                                      "or adaround (block-wise, learned rounding only)"),
              epochs: int = typer.Option(8, help="passes over the training images (distill)"),
-             block_steps: int = typer.Option(200, help="optimizer steps per block (blocks)"),
-             lr: float = 1e-5, batch: int = 8,
+             block_steps: int = typer.Option(200, help="optimizer steps per block (blocks, adaround)"),
+             lr: float = typer.Option(1e-5, help="learning rate of weights and biases (distill, blocks)"),
+             round_lr: float = typer.Option(1e-3, help="learning rate of the rounding variables (adaround)"),
+             round_weight: float = typer.Option(0.01, help="weight of the push of each rounding to up or down (adaround)"),
+             batch: int = 8,
+             scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill)"),
+             color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill)"),
              learn_scales: bool = typer.Option(False, help="learn integer weight scales (LSQ) as well as weights"),
              feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
              label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
@@ -215,8 +229,9 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     from lowbit.api import FinetuneRunConfig, run_finetune
     from lowbit.finetune.distill import FinetuneConfig
 
-    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, batch=batch, learn_scales=learn_scales,
-                        feature_weight=feature_weight, label_weight=label_weight)
+    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
+                        round_weight=round_weight, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
+                        label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
                                          eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
                                          device=device), out)
@@ -226,6 +241,24 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     if res["before"]:
         b, a = res["before"]["map50_95"], res["after"]["map50_95"]
         console.print(f"mAP50-95 {b:.4f} -> {a:.4f} ({(a - b) * 100:+.2f} points)")
+
+
+@app.command("check-qdq")
+def check_qdq_cmd(model: Path = typer.Argument(..., help="a Q/DQ .onnx")):
+    """Q/DQ placement a runtime can fuse: symmetric per-channel INT8 weights, activation Q/DQ only before ops
+    with low-precision kernels, no DQ -> Q ping-pong. Exits 1 when a rule is broken."""
+    from lowbit.export.qdq_lint import check_qdq
+
+    rep = check_qdq(model)
+    console.print(f"{rep.convs} conv/matmul nodes: {rep.weight_quantized} with quantized weights {rep.weight_dtypes}, "
+                  f"{rep.input_quantized} with quantized inputs; {rep.activation_qdq} activation Q/DQ pairs read by "
+                  f"{rep.activation_consumers or 'nothing'}")
+    broken = rep.violations()
+    for v in broken:
+        console.print(f"[red]rule broken:[/red] {v}")
+    if broken:
+        raise typer.Exit(1)
+    console.print("Q/DQ placement: no rule broken")
 
 
 @app.command("quantize-onnx")

@@ -72,6 +72,9 @@ class StudyConfig(BaseModel):
     max_drop_points: list[float] = Field(default_factory=lambda: [1.0, 2.0])
     weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
     export_onnx: bool = True  # Q/DQ ONNX of the recommended scheme, checked with ONNX Runtime
+    # batch-1 latency of every scheme's Q/DQ ONNX on every runtime present, beside its mAP (one export each)
+    speed: bool = False
+    speed_threads: int | None = None  # runtime threads for `speed` (default: the runtime's own)
     save_checkpoints: bool = False
     finetune: FinetuneSpec | None = None
 
@@ -199,6 +202,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         summary = write_study_report(cfg, results, reports, run.path)
     if cfg.export_onnx and summary["recommended"]:
         summary["onnx"] = _export_recommended(cfg, det, results, summary, batches, evalset, run, progress)
+    if cfg.speed:
+        summary["speed"] = _speed_stage(cfg, det, results, batches, run, progress)
     summary["work"] = work
     run.write_json("summary.json", summary)
     return summary
@@ -309,6 +314,47 @@ def _speed_vs_float(det, imgsz: int, qdq_path, float_path) -> list[dict]:
         rows.append({"runtime": r.runtime, "float_ms": f.median_ms if f else None, "ms": r.median_ms,
                      "speedup": f.median_ms / r.median_ms if f and f.median_ms and r.median_ms else None, "note": r.note})
     return rows
+
+
+def _speed_stage(cfg: StudyConfig, det, results, batches, run, progress) -> dict:
+    """Every scheme exported as Q/DQ ONNX and timed on every runtime present, cached per layer assignment
+    (a fine-tuned scheme runs exactly as fast as its base: same formats, same graph). ModelOpt max
+    calibration stands in for the scheme's own rounding, which changes values, not speed."""
+    import copy
+    import platform
+
+    import onnx
+
+    from lowbit.evaluate.bench import bench, runtimes
+    from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
+    from lowbit.progress import track
+    from lowbit.report.study_report import append_speed_section
+
+    present = sorted(name for name, (ok, _) in runtimes().items() if ok)
+    machine = (platform.machine(), platform.processor() or platform.node(), cfg.speed_threads, present)
+    rows, timed, cached = [], 0, 0
+    for res in track(results, "speed of every scheme", enabled=progress):
+        m = res.manifest
+        layers = m.model_dump(mode="json", include={"model", "imgsz", "layers"}) if m.layers else "FP32"
+        st = Stage(run.path, "speed", layers, cfg.imgsz, machine)
+        if st.done:
+            cached += 1
+        else:
+            st.path.mkdir(parents=True, exist_ok=True)
+            path = st.path / "model.onnx"
+            if not m.layers:
+                onnx.save(export_float_onnx(copy.deepcopy(det.net).cpu(), cfg.imgsz), str(path))
+            else:
+                plain = m.model_copy(update={"weight_clip": "max"})
+                export_qdq_onnx(det.net, apply_manifest(det, plain, batches()[0]).cpu(), plain, path)
+            write_json(st.path / "bench.json", [r.model_dump() for r in bench(path, cfg.speed_threads, reps=20) if r.present])
+            path.unlink()  # the timing is the product; the recommended scheme's ONNX is kept elsewhere
+            st.finish()
+            timed += 1
+        rows.append({"scheme": m.name, "map50_95": res.result.map50_95, "bench": read_json(st.path / "bench.json")})
+    out = {"runtimes": present, "threads": cfg.speed_threads, "rows": rows, "timed": timed, "cached": cached}
+    append_speed_section(run.path, out)
+    return out
 
 
 def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalset, run, progress) -> dict:

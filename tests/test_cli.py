@@ -36,6 +36,7 @@ def test_quantize_saves_a_checkpoint_that_eval_reads(tmp_path, assets):
                             "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e" / "results.json").read_text())["map50_95"] > 0.1
+    assert "8.00" in r.output and "nan" not in r.output  # the checkpoint's scheme: 8-bit weights
 
 
 def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets):

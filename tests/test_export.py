@@ -144,3 +144,43 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     chosen = allocate.budget(p, limit)
     full = {x.name: chosen.layers.get(x.name, allocate.FP16) for x in p.layers}
     assert p.total(full)[1] <= limit + 1e-9  # (at 64 px int8 convs are not always the cheaper choice)
+
+
+def test_qdq_rules_hold_for_lowbit_exports_and_catch_broken_graphs(tmp_path, tiny, tiny_batches):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.export.qdq_lint import check_qdq
+
+    m = _mixed(tiny, ["W8A8"])
+    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "w8a8.onnx")
+    rep = check_qdq(info.path)
+    assert rep.violations() == []
+    assert rep.weight_quantized == rep.input_quantized == len(m.layers)  # every conv but the DFL decoder
+    assert rep.weight_dtypes == {"int8": len(m.layers)} and set(rep.activation_consumers) == {"Conv"}
+    assert CliRunner().invoke(app, ["check-qdq", str(info.path)]).exit_code == 0
+
+    # break each rule once: re-quantize a dequantized input (ping-pong), quantize a Sigmoid's input (no
+    # low-precision kernel), give one weight a non-zero zero point (asymmetric)
+    model = onnx.load(info.path)
+    g = model.graph
+    dq = next(n for n in g.node if n.name.endswith("/input_DQ"))
+    conv = next(n for n in g.node if dq.output[0] in n.input)
+    q2 = onnx.helper.make_node("QuantizeLinear", [dq.output[0], dq.input[1], dq.input[2]], ["pp_q"], name="pp_q")
+    dq2 = onnx.helper.make_node("DequantizeLinear", ["pp_q", dq.input[1], dq.input[2]], ["pp_dq"], name="pp_dq")
+    conv.input[0] = "pp_dq"
+    sig = next(n for n in g.node if n.op_type == "Sigmoid")
+    q3 = onnx.helper.make_node("QuantizeLinear", [sig.input[0], dq.input[1], dq.input[2]], ["fo_q"], name="fo_q")
+    dq3 = onnx.helper.make_node("DequantizeLinear", ["fo_q", dq.input[1], dq.input[2]], ["fo_dq"], name="fo_dq")
+    sig.input[0] = "fo_dq"
+    g.node.extend([q2, dq2, q3, dq3])
+    wdq = next(n for n in g.node if n.name.endswith("/weight_DQ"))
+    scale, w = (onnx.numpy_helper.to_array(next(i for i in g.initializer if i.name == wdq.input[k])) for k in (1, 0))
+    g.initializer.append(onnx.numpy_helper.from_array(np.ones(scale.shape, w.dtype), "asym_zp"))
+    wdq.input.append("asym_zp")
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    bad = check_qdq(tmp_path / "broken.onnx")
+    assert bad.ping_pong == [dq.name] and bad.float_only_qdq == ["fo_q"] and len(bad.weight_asymmetric) == 1
+    assert len(bad.violations()) == 3
+    r = CliRunner().invoke(app, ["check-qdq", str(tmp_path / "broken.onnx")])
+    assert r.exit_code == 1 and "ping-pong" in r.output

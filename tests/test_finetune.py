@@ -109,3 +109,49 @@ def test_cli_finetune_writes_a_checkpoint_and_before_after(tmp_path, small, batc
     assert "mAP50-95" in r.output and (tmp_path / "run" / "checkpoint" / "modelopt.pth").is_file()
     net, m = load_quantized(tmp_path / "run" / "checkpoint")
     assert m.origin["finetune"]["mode"] == "distill" and m.imgsz == IMGSZ
+
+
+def test_adaround_learns_rounding_only_and_leaves_weights_on_modelopt_grid(small, batches, w4):
+    manifest, base = w4
+    net = copy.deepcopy(base)
+    before = _distance(net, small.net, batches)
+    res = finetune(net, small.net, batches, FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest"), progress=False)
+    assert res.steps > 0
+    assert _distance(net, small.net, batches) < before
+    verify(net, manifest.layers)
+    teacher = dict(small.net.named_modules())
+    flips = 0
+    for name, mod in net.named_modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if wq is None or not wq.is_enabled or not isinstance(wq.num_bits, int):
+            continue
+        with torch.no_grad():
+            assert torch.equal(wq(mod.weight), mod.weight), f"{name}: weight off ModelOpt's grid"
+        step = wq.amax.reshape(-1, *[1] * (mod.weight.dim() - 1)) / 7
+        dist = (mod.weight - teacher[name].weight).abs() / step
+        assert float(dist.max()) <= 1.0 + 1e-4, f"{name}: a weight moved more than one grid step"
+        flips += int((dist > 0.5 + 1e-4).sum())  # rounded away from the nearest grid point
+    assert flips > 0
+
+
+def test_adaround_without_steps_starts_where_it_says(small, batches, w4):
+    from lowbit.finetune.adaround import AdaRoundBlock
+
+    _, base = w4  # ModelOpt's round-to-nearest
+    net = copy.deepcopy(base)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        ref = net(x)[0]
+        AdaRoundBlock(net, small.net, "nearest").finish()
+        assert torch.allclose(net(x)[0], ref, atol=1e-4 * float(ref.abs().max()))
+    finetune(net, small.net, batches, FinetuneConfig(mode="adaround", block_steps=16, round_lr=1e-2, round_start="nearest"), progress=False)
+    with torch.no_grad():
+        tuned = net(x)[0]
+        assert not torch.allclose(tuned, ref, atol=1e-4 * float(ref.abs().max()))
+        AdaRoundBlock(net, small.net, "current").finish()  # the tuned rounding, kept as it is
+        assert torch.equal(net(x)[0], tuned)
+
+
+def test_adaround_refuses_learned_scales(small, batches, w4):
+    with pytest.raises(LowbitError, match="adaround"):
+        finetune(copy.deepcopy(w4[1]), small.net, batches, FinetuneConfig(mode="adaround", learn_scales=True), progress=False)

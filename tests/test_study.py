@@ -47,7 +47,7 @@ def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
     cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "export_onnx": True,
            "calib": {"path": assets["calib"], "max_images": 8}, "eval": {"path": assets["val"], "max_images": 4},
            "search": [], "uniform": ["W4A16"], "max_drop_points": [100],
-           "finetune": {"schemes": ["W4A16"], "config": {"epochs": 1, "lr": 1e-4, "batch": 4}}}
+           "finetune": {"schemes": ["W4A16"], "config": {"epochs": 1, "lr": 1e-4, "batch": 4}}, "speed": True}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -59,7 +59,13 @@ def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
     # the recommended scheme (fewest bits: W4A16 or its tuned twin) ships as ONNX, timed beside FP32
     assert (out / "recommended.onnx").is_file() and "| ort-cpu |" in report and "| openvino-cpu |" in report
     assert first["work"] == {"evaluated": 3, "cached": 0}
-    assert run_study(StudyConfig.load(p), out, progress=False)["work"] == {"evaluated": 0, "cached": 3}
+    # every scheme timed on every runtime; the tuned twin shares its base's graph, so its timing too
+    speed = {r["scheme"]: {b["runtime"]: b for b in r["bench"]} for r in first["speed"]["rows"]}
+    assert set(speed) == {"FP32", "W4A16", "W4A16+ft"} and first["speed"]["timed"] == 2
+    assert speed["FP32"]["ort-cpu"]["median_ms"] > 0 and speed["W4A16"] == speed["W4A16+ft"]
+    assert "## Deployed speed of every scheme" in report and "| W4A16+ft | " in report.split("## Deployed speed")[1]
+    again = run_study(StudyConfig.load(p), out, progress=False)
+    assert again["work"] == {"evaluated": 0, "cached": 3} and again["speed"]["timed"] == 0
     cfg["calib"] = cfg["eval"]  # training on the evaluation images is refused
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(LowbitError, match="share 4 image"):

@@ -43,6 +43,10 @@ class OrtRunner:
         path = Path(path)
         if not path.is_file():
             raise LowbitError(f"{path}: ONNX file not found")
+        if "CUDAExecutionProvider" in (providers or []) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* pip packages (PyTorch's) only when asked;
+            # otherwise the session quietly falls back to the CPU
+            ort.preload_dlls()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -5,9 +5,11 @@ Two strategies, measured against each other in docs/results.md:
   straight-through fake quant, to reproduce the teacher's raw head maps (DFL box distributions by KL,
   class logits by BCE against the teacher's probabilities), optionally also the neck features the head
   reads, and the detection loss on labels when they exist.
-- "blocks": block-wise reconstruction (BRECQ's per-block output matching, without AdaRound's rounding
-  variables): in network order, each top-level block learns to map the quantized prefix's output to the
-  teacher's output of that block; the head block matches the head maps with the same loss as "distill".
+- "blocks": block-wise reconstruction (BRECQ's per-block output matching): in network order, each
+  top-level block learns to map the quantized prefix's output to the teacher's output of that block; the
+  head block matches the head maps with the same loss as "distill". Weights and biases learn.
+- "adaround": the same block-wise reconstruction, but only the rounding direction of each integer weight
+  learns (lowbit.finetune.adaround), from the float weights; biases and FP8 weights stay.
 
 Why ours: ModelOpt's QAT is "train the quantized model with your own loop"; Ultralytics' trainer needs
 labels and trains in train mode, where YOLOv10 detaches the one-to-one head (the deployed one) from the
@@ -33,10 +35,14 @@ from lowbit.errors import LowbitError
 
 
 class FinetuneConfig(BaseModel):
-    mode: Literal["distill", "blocks"] = "distill"
+    mode: Literal["distill", "blocks", "adaround"] = "distill"
     epochs: int = 8  # passes over the calibration images ("distill")
-    block_steps: int = 200  # optimizer steps per block ("blocks")
-    lr: float = 1e-5
+    block_steps: int = 200  # optimizer steps per block ("blocks", "adaround")
+    lr: float = 1e-5  # weights and biases ("distill", "blocks")
+    round_lr: float = 1e-3  # AdaRound's rounding variables
+    round_weight: float = 0.01  # AdaRound's push of each rounding to 0 or 1, against the block's relative error
+    # AdaRound's first rounding: "current" = the checkpoint's own (GPTQ's, by default), "nearest" = the paper's
+    round_start: Literal["current", "nearest"] = "current"
     batch: int = 8
     learn_scales: bool = False  # LSQ on integer weight scales; activation scales stay as calibrated
     feature_weight: float = 0.0  # normalized MSE on the neck features the head reads
@@ -177,6 +183,8 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
     teacher.to(dev).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.mode == "adaround" and cfg.learn_scales:
+        raise LowbitError("adaround learns rounding on fixed scales: learn_scales works with distill or blocks")
     t0 = time.perf_counter()
     run = _distill if cfg.mode == "distill" else _blocks
     steps, first, last = run(student, teacher, batches, cfg, dev, progress)
@@ -290,7 +298,10 @@ def _route(m, x, ys):
 def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tuple[int, float, float]:
     """Per-block output matching. Each block's inputs come from the already-tuned quantized prefix (so a
     block also learns to absorb the error that reaches it); its target is the teacher's block output.
-    Outputs are cached for every batch and only those a later block reads are kept (Ultralytics' `save`)."""
+    Outputs are cached for every batch and only those a later block reads are kept (Ultralytics' `save`).
+    With AdaRound, the first 20% of a block's steps fit the rounding freely, then the push towards 0/1
+    sharpens (beta 20 -> 2, the paper's schedule) and the block is hard-rounded before the next one starts."""
+    from lowbit.finetune.adaround import AdaRoundBlock
     from lowbit.progress import track
 
     s_blocks, t_blocks = list(student.model), list(teacher.model)
@@ -309,30 +320,38 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
             with torch.no_grad():
                 ins = [_route(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
                 targets = [mt(_route(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
-            params = _trainable(ms)
+            rounding = AdaRoundBlock(ms, mt, cfg.round_start) if cfg.mode == "adaround" else None
+            params = rounding.parameters() if rounding else _trainable(ms)
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
                            if name.startswith(f"model.{k}.")] if scales else []
             if any(_is_quantized(m) for m in ms.modules()) and params:
                 for p in params:
                     p.requires_grad_(True)
-                opt = torch.optim.Adam([{"params": params}] + ([{"params": step_params}] if step_params else []), lr=cfg.lr)
+                opt = torch.optim.Adam([{"params": params}] + ([{"params": step_params}] if step_params else []),
+                                       lr=cfg.round_lr if rounding else cfg.lr)
                 sched = _schedule(opt, cfg.block_steps)
+                warm = cfg.block_steps // 5
                 losses = []
-                for _ in range(cfg.block_steps):
+                for step in range(cfg.block_steps):
                     i = int(torch.randint(len(batches), (), generator=gen))
                     out = ms(ins[i])
                     loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
                         else _nmse(out, targets[i])
+                    losses.append(loss.item())
+                    if rounding and step >= warm:
+                        beta = 20 - 18 * (step - warm) / max(1, cfg.block_steps - warm)
+                        loss = loss + cfg.round_weight * rounding.regularizer(beta)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    losses.append(loss.item())
                 for p in params:
                     p.requires_grad_(False)
                 total += cfg.block_steps
                 first.append(_mean_head(losses))
                 last.append(_mean_tail(losses))
+            if rounding:
+                rounding.finish()
             with torch.no_grad():
                 for i in range(len(batches)):
                     xs_s[i] = ms(ins[i])
@@ -348,6 +367,8 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
 def _is_quantized(mod: torch.nn.Module) -> bool:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
+    from lowbit.finetune.adaround import AdaRoundWeight
+
     if isinstance(mod, TensorQuantizer):
         return mod.is_enabled
-    return isinstance(mod, _LsqWeight)
+    return isinstance(mod, (_LsqWeight, AdaRoundWeight))

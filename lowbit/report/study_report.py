@@ -175,3 +175,30 @@ def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
         *[f"| {r['runtime']} | {_ms(r['float_ms'])} | {_ms(r['ms'])} | "
           f"{_times(r['speedup'])} | {r['note']} |" for r in out.get("speed", [])], ""])
     atomic_write_text(folder / "study-report.md", text)
+
+
+def append_speed_section(folder: Path, speed: dict) -> None:
+    """Latency and speed-up vs FP32 of every scheme on every runtime present, beside its mAP."""
+    rts = speed["runtimes"]
+    base = {b["runtime"]: b.get("median_ms") for b in speed["rows"][0]["bench"]} if speed["rows"] else {}
+    lines = ["", "## Deployed speed of every scheme", "",
+             f"Each scheme as a Q/DQ ONNX, batch 1, median of 20 runs on this machine, threads: "
+             f"{speed['threads'] or 'runtime default'}; speed-up against lowbit's FP32 export on the same runtime. "
+             "A fine-tuned scheme runs exactly as fast as its base (same formats, same graph).", "",
+             "| scheme | mAP50-95 | " + " | ".join(rts) + " |", "|---|---|" + "---|" * len(rts)]
+    notes = {}
+    for row in speed["rows"]:
+        cells = []
+        by_rt = {b["runtime"]: b for b in row["bench"]}
+        for rt in rts:
+            b = by_rt.get(rt)
+            if b is None or b.get("median_ms") is None:
+                cells.append("cannot run" if b else "-")
+                if b and b.get("note"):
+                    notes.setdefault(b["note"], []).append(f"{row['scheme']} on {rt}")
+                continue
+            speedup = base.get(rt) / b["median_ms"] if base.get(rt) else None
+            cells.append(f"{_ms(b['median_ms'])} ({_times(speedup)})")
+        lines.append(f"| {row['scheme']} | {row['map50_95']:.4f} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {', '.join(who)}: {note}" for note, who in notes.items()] + [""]
+    atomic_write_text(folder / "study-report.md", (folder / "study-report.md").read_text() + "\n".join(lines))

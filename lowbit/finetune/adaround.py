@@ -1,0 +1,93 @@
+"""AdaRound: learned up/down rounding of integer weights, for block-wise reconstruction.
+
+Why ours: ModelOpt has no AdaRound; its PTQ rounds to nearest (lowbit adds GPTQ), and its QAT moves the
+float weights themselves. AdaRound keeps every weight within one grid step of its float value and learns
+only which way to round, so a few hundred unlabelled images fit it without overfitting (Nagel et al.,
+"Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020; Li et al., "BRECQ", ICLR 2021).
+
+Each twin stands in for a ModelOpt integer weight quantizer of one block while that block trains, with
+the quantizer's own calibrated range and arithmetic (scale = (2^(b-1)-1) / amax), starting from the
+float model's weight. At the end it writes the hard-rounded weight back, on ModelOpt's grid, and puts
+ModelOpt's quantizer back, so the checkpoint and the ONNX export see an ordinary quantized model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch, as in the paper
+
+
+class AdaRoundWeight(torch.nn.Module):
+    """`start` is the weight whose rounding the soft variables begin at (the float weight itself gives
+    round-to-nearest; a GPTQ-rounded weight gives GPTQ's choices). Each weight may then end on either side
+    of its float value: the grid point `start` rounds to, or its neighbour towards the float weight."""
+
+    def __init__(self, float_weight: torch.Tensor, amax: torch.Tensor, bits: int, start: torch.Tensor | None = None):
+        super().__init__()
+        self.qmax = 2 ** (bits - 1) - 1
+        # a tensor numerator, as ModelOpt writes it (see _LsqWeight), so the grid is ModelOpt's
+        scale = torch.tensor(float(self.qmax), device=amax.device) / amax.detach().float()
+        x = float_weight.detach().float() * scale
+        n = torch.round((x if start is None else start.detach().float() * scale))  # ModelOpt's rounding
+        self.register_buffer("scale", scale)
+        self.register_buffer("floor", torch.where(x >= n, n, n - 1))
+        # h(V) = the float weight's place between floor and floor + 1, but on the side of `start`'s choice,
+        # so the hard start is exactly `start` (half to even for the float weight: this model's weights lie
+        # on an INT8 grid, so exact halves are common). A start that is not round-to-nearest (GPTQ's) keeps
+        # a margin from 0.5: measured on the H100, without it the regularizer's first push flipped GPTQ's
+        # choices at random and the model collapsed.
+        m = 1e-4 if start is None else 0.25
+        rest = x - self.floor
+        rest = torch.where(n > self.floor, rest.clamp(0.5 + m, 1 - 1e-4), rest.clamp(1e-4, 0.5 - m))
+        self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        up = (self.v >= 0).float() if self.hard else self.h()
+        return (torch.clamp(self.floor + up, -self.qmax - 1, self.qmax) / self.scale).to(w.dtype)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """Sum over weights of 1 - |2h - 1|^beta: 0 once every h is 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class AdaRoundBlock:
+    """AdaRound twins for the integer-weight quantizers of one block, around `teacher_block`'s float
+    weights. start="current" begins at the student's present rounding (GPTQ's, by default), "nearest" at
+    round-to-nearest of the float weights, as in the paper."""
+
+    def __init__(self, block: torch.nn.Module, teacher_block: torch.nn.Module, start: str = "current"):
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        teacher = dict(teacher_block.named_modules())
+        self.twins = []
+        for name, mod in block.named_modules():
+            wq = getattr(mod, "weight_quantizer", None)
+            if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or wq.block_sizes:
+                continue
+            if not isinstance(wq.num_bits, int) or wq.amax is None or name not in teacher:
+                continue  # FP8 weights round by their format, not by a learned choice
+            amax = wq.amax.reshape(-1, *[1] * (mod.weight.dim() - 1)) if wq.amax.numel() > 1 else wq.amax
+            twin = AdaRoundWeight(teacher[name].weight.to(mod.weight.device), amax.to(mod.weight.device), wq.num_bits,
+                                  mod.weight if start == "current" else None)
+            mod._modules["weight_quantizer"] = twin
+            self.twins.append((mod, wq, twin))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [twin.v for *_, twin in self.twins]
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        n = sum(twin.v.numel() for *_, twin in self.twins)
+        return sum(twin.regularizer(beta) for *_, twin in self.twins) / max(n, 1)
+
+    def finish(self) -> None:
+        """Hard rounding written into the weights; ModelOpt's quantizers back in place."""
+        with torch.no_grad():
+            for mod, wq, twin in self.twins:
+                twin.hard = True
+                mod.weight.data.copy_(twin(mod.weight))
+                mod._modules["weight_quantizer"] = wq
