@@ -44,6 +44,9 @@ VARIANTS = {
     "adaround-nearest-1000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                    round_start="nearest"),
     "adaround-1000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2),  # from GPTQ
+    "adaround-1000-lr1e-2-flip": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                flip_copies=True),
+    "adaround-2000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=2000, batch=16, round_lr=1e-2),
 }
 # "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top)
 

@@ -353,7 +353,7 @@ def _speed_stage(cfg: StudyConfig, det, results, batches, run, progress) -> dict
             timed += 1
         rows.append({"scheme": m.name, "map50_95": res.result.map50_95, "bench": read_json(st.path / "bench.json")})
     out = {"runtimes": present, "threads": cfg.speed_threads, "rows": rows, "timed": timed, "cached": cached}
-    append_speed_section(run.path, out)
+    append_speed_section(run.path, out, cfg.max_drop_points)
     return out
 
 

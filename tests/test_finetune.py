@@ -50,8 +50,9 @@ def test_head_loss_is_zero_only_at_agreement(small, batches):
 
 @pytest.mark.parametrize("cfg", [FinetuneConfig(epochs=4, lr=1e-4, flip=False),
                                  FinetuneConfig(epochs=4, lr=1e-4, learn_scales=True),
-                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4)],
-                         ids=["distill", "distill-lsq", "blocks"])
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4),
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, flip_copies=True)],
+                         ids=["distill", "distill-lsq", "blocks", "blocks-flip-copies"])
 def test_finetune_brings_the_quantized_model_closer_to_its_teacher(small, batches, w4, cfg):
     manifest, base = w4
     net = copy.deepcopy(base)

@@ -49,7 +49,8 @@ class FinetuneConfig(BaseModel):
     label_weight: float = 0.0  # Ultralytics' detection loss on labels, when the images have them
     # Label-free augmentation: the teacher sees the same altered image, so any change of the input is a new
     # training example. 160 images overfit within a few hundred steps without it.
-    flip: bool = True  # horizontal flips
+    flip: bool = True  # horizontal flips ("distill")
+    flip_copies: bool = False  # "blocks", "adaround": reconstruct on a flipped copy of every image too
     scale_jitter: float = 0.0  # zoom by a factor in [1 - j, 1 + j], randomly placed, gray (114) padding
     color_jitter: float = 0.0  # brightness and contrast by a factor in [1 - j, 1 + j]
     seed: int = 0
@@ -307,6 +308,9 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     s_blocks, t_blocks = list(student.model), list(teacher.model)
     keep = set(getattr(teacher, "save", [])) | {len(t_blocks) - 1}
     xs_s = [b.images.to(dev) for b in batches]  # current block inputs, per batch
+    if cfg.flip_copies:
+        xs_s += [x.flip(-1) for x in xs_s]
+        batches = list(batches) * 2
     xs_t = list(xs_s)
     ys_s: list[list] = [[] for _ in batches]
     ys_t: list[list] = [[] for _ in batches]

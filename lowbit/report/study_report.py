@@ -177,8 +177,9 @@ def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
     atomic_write_text(folder / "study-report.md", text)
 
 
-def append_speed_section(folder: Path, speed: dict) -> None:
-    """Latency and speed-up vs FP32 of every scheme on every runtime present, beside its mAP."""
+def append_speed_section(folder: Path, speed: dict, max_drop_points: list[float] = ()) -> None:
+    """Latency and speed-up vs FP32 of every scheme on every runtime present, beside its mAP, and the
+    fastest scheme within each accuracy bound on each runtime."""
     rts = speed["runtimes"]
     base = {b["runtime"]: b.get("median_ms") for b in speed["rows"][0]["bench"]} if speed["rows"] else {}
     lines = ["", "## Deployed speed of every scheme", "",
@@ -200,5 +201,16 @@ def append_speed_section(folder: Path, speed: dict) -> None:
             speedup = base.get(rt) / b["median_ms"] if base.get(rt) else None
             cells.append(f"{_ms(b['median_ms'])} ({_times(speedup)})")
         lines.append(f"| {row['scheme']} | {row['map50_95']:.4f} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {', '.join(who)}: {note}" for note, who in notes.items()] + [""]
+    lines += [""] + [f"- {', '.join(who)}: {note}" for note, who in notes.items()]
+    fp32 = speed["rows"][0]["map50_95"] if speed["rows"] else None
+    for drop in max_drop_points if fp32 is not None else ():
+        for rt in rts:
+            ok = [(b["median_ms"], row) for row in speed["rows"] if row["map50_95"] >= fp32 - drop / 100
+                  for b in row["bench"] if b["runtime"] == rt and b.get("median_ms")]
+            if ok:
+                ms, row = min(ok, key=lambda t: t[0])
+                lines.append(f"- Within {drop:g} point(s) of FP32, fastest on {rt}: **{row['scheme']}** "
+                             f"({_ms(ms)}, {_times(base.get(rt) / ms if base.get(rt) else None)} FP32, "
+                             f"mAP50-95 {row['map50_95']:.4f})")
+    lines.append("")
     atomic_write_text(folder / "study-report.md", (folder / "study-report.md").read_text() + "\n".join(lines))
