@@ -39,13 +39,16 @@ def test_quantize_saves_a_checkpoint_that_eval_reads(tmp_path, assets):
     assert "8.00" in r.output and "nan" not in r.output  # the checkpoint's scheme: 8-bit weights
 
 
-def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets):
+def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys):
     cases = [
         (["eval", "-m", str(tmp_path / "none.pt"), "-d", assets["val"]], "none.pt: model file not found"),
         (["eval", "-m", assets["model"], "-d", str(tmp_path)], "no images"),
         (["quantize", "-m", assets["model"], "-f", "W5A5", "--calib", assets["calib"]], "unknown format 'W5A5'"),
         (["eval", "-m", str(tmp_path / "x.onnx"), "-d", assets["val"]], "x.onnx: ONNX file not found"),
+        (["check-qdq", str(tmp_path / "x.onnx")], "x.onnx: ONNX file not found"),
+        (["check-qdq", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX model"),
     ]
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     from lowbit.cli import main
     import sys
     import pytest
@@ -55,3 +58,5 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets):
         with pytest.raises(SystemExit) as e:
             main()
         assert e.value.code == 2
+        printed = "".join(capsys.readouterr().out.split())  # rich wraps long paths anywhere
+        assert "".join(msg.split()) in printed, (args, printed)
