@@ -18,6 +18,19 @@ import torch
 GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch, as in the paper
 
 
+def integer_weight_quantizers(module: torch.nn.Module):
+    """(name, module, ModelOpt weight quantizer) for each enabled, calibrated integer weight quantizer
+    with per-channel or per-tensor scales: the ones a learned twin can stand in for. FP8 weights round by
+    their format and block-wise scales are ModelOpt's own; both are left alone."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for name, mod in module.named_modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if (isinstance(wq, TensorQuantizer) and wq.is_enabled and not wq.block_sizes
+                and isinstance(wq.num_bits, int) and wq.amax is not None):
+            yield name, mod, wq
+
+
 class AdaRoundWeight(torch.nn.Module):
     """`start` is the weight whose rounding the soft variables begin at (the float weight itself gives
     round-to-nearest; a GPTQ-rounded weight gives GPTQ's choices). Each weight may then end on either side
@@ -61,16 +74,11 @@ class AdaRoundBlock:
     round-to-nearest of the float weights, as in the paper."""
 
     def __init__(self, block: torch.nn.Module, teacher_block: torch.nn.Module, start: str = "current"):
-        from modelopt.torch.quantization.nn import TensorQuantizer
-
         teacher = dict(teacher_block.named_modules())
         self.twins = []
-        for name, mod in block.named_modules():
-            wq = getattr(mod, "weight_quantizer", None)
-            if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or wq.block_sizes:
+        for name, mod, wq in integer_weight_quantizers(block):
+            if name not in teacher:
                 continue
-            if not isinstance(wq.num_bits, int) or wq.amax is None or name not in teacher:
-                continue  # FP8 weights round by their format, not by a learned choice
             amax = wq.amax.reshape(-1, *[1] * (mod.weight.dim() - 1)) if wq.amax.numel() > 1 else wq.amax
             twin = AdaRoundWeight(teacher[name].weight.to(mod.weight.device), amax.to(mod.weight.device), wq.num_bits,
                                   mod.weight if start == "current" else None)

@@ -136,15 +136,10 @@ class _LearnedScales:
     ModelOpt serves `weight` through its own dynamic attribute, which a parametrization would unhook.)"""
 
     def __init__(self, net: torch.nn.Module):
-        from modelopt.torch.quantization.nn import TensorQuantizer
+        from lowbit.finetune.adaround import integer_weight_quantizers
 
         self.swapped = []
-        for name, mod in net.named_modules():
-            wq = getattr(mod, "weight_quantizer", None)
-            if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or wq.block_sizes:
-                continue
-            if not isinstance(wq.num_bits, int) or wq.amax is None:
-                continue  # FP8 weights: ModelOpt's scale stays
+        for name, mod, wq in integer_weight_quantizers(net):
             lsq = _LsqWeight(wq.amax, wq.num_bits)
             mod._modules["weight_quantizer"] = lsq
             self.swapped.append((name, mod, wq, lsq))
