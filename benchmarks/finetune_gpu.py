@@ -58,13 +58,14 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-train", type=int, default=None, help="fewer training images, for a smoke run")
+    ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
     a = ap.parse_args()
     dev = a.device
     det = load_detector("lowbit/assets/yolov10n.pt")
     det.net.to(dev)
     train = load_dataset(".carry/ft/train/images").subset(a.max_train)
     held = load_dataset(".carry/ft/dev/annotations/instances_dev.json", ".carry/ft/dev/images")
-    calib = make_batches(train.subset(64), batch_size=8)
+    calib = make_batches(train.subset(a.calib_images), batch_size=8)
     held_b = make_batches(held, batch_size=16)
     log = open(f"{a.out}/finetune-log.jsonl", "a")
 
@@ -94,7 +95,7 @@ def main():
                                                 "first_loss": stages[0].first_loss})
             after = dev_map(net)
             rec = {"scheme": m.name, "variant": name, "dev_before": before, "dev_after": after, **res.model_dump(),
-                   "train_images": len(train),
+                   "train_images": len(train), "calib_images": min(a.calib_images, len(train)),
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")
             log.flush()

@@ -293,24 +293,37 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
 @app.command()
 def bench(models: list[Path] = typer.Argument(..., help="one or more .onnx files"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the runtime's)"),
-          reps: int = 30, out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON")):
+          reps: int = 30, out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+          interleave: bool = typer.Option(False, help="time the models' OpenVINO runs one inference each in turn, "
+                                          "so a shared machine's drift cannot pass for a speed-up")):
     """Batch latency (warm-up, median, p90) of ONNX models on every runtime present; absent ones are listed as absent."""
     from lowbit.evaluate.bench import bench as run_bench
+    from lowbit.evaluate.bench import compare_openvino, host_cpu, runtimes
     from lowbit.io import write_json
 
-    t = Table(title="lowbit bench")
+    paired = {}
+    if interleave:
+        if not runtimes()["openvino-cpu"][0]:
+            raise LowbitError("--interleave times OpenVINO, which is not installed here")
+        for m in models:
+            if not m.is_file():
+                raise LowbitError(f"{m}: ONNX file not found")
+        paired = compare_openvino({str(m): (m, None) for m in models}, threads, reps=reps)
+
+    cpu = host_cpu()
+    t = Table(title=f"lowbit bench on {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'})")
     for col in ("model", "runtime", "batch", "median ms", "p90 ms", "images/s", "note"):
         t.add_column(col)
     everything = {}
     for m in models:
-        rows = run_bench(m, threads, reps=reps)
+        rows = run_bench(m, threads, reps=reps, skip=("openvino-cpu",) if paired else ()) + ([paired[str(m)]] if paired else [])
         everything[str(m)] = rows
         for r in rows:
             t.add_row(m.name, r.runtime, str(r.batch), f"{r.median_ms:.1f}" if r.median_ms else "-",
                       f"{r.p90_ms:.1f}" if r.p90_ms else "-", f"{r.throughput_ips:.1f}" if r.throughput_ips else "-", r.note)
     console.print(t)
     if out:
-        write_json(out, everything)
+        write_json(out, {"host": cpu, "results": everything})
 
 
 @app.command("latency-table")

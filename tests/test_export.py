@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -89,6 +91,24 @@ def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
     fl = {r.runtime: r for r in bench.bench(tmp_path / "f.onnx", threads=1, warmup=0, reps=1)}["openvino-cpu"]
     assert set(fl.executed) <= {"f32", "bf16"}, fl.executed
+    # where OpenVINO's default is bf16 (AMX/AVX512-BF16 CPUs), a forced-f32 row is the honest FP32 baseline
+    monkeypatch.setattr(bench, "_openvino_default_precision", lambda: "bf16")
+    rows = {r.runtime: r for r in bench.bench(tmp_path / "f.onnx", threads=1, warmup=0, reps=1)}
+    assert set(rows["openvino-cpu-f32"].executed) == {"f32"} and "float ops as f32" in rows["openvino-cpu-f32"].note
+    assert bench.host_cpu()["cpu"]
+    both = bench.compare_openvino({"int8": (info.path, None), "float": (tmp_path / "f.onnx", "f32")}, threads=1, reps=3)
+    assert list(both) == ["int8", "float"] and both["float"].runtime == "openvino-cpu-f32"
+    assert both["int8"].median_ms > 0 and set(both["float"].executed) == {"f32"} and "u8" in both["int8"].executed
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    r = CliRunner().invoke(app, ["bench", str(info.path), str(tmp_path / "f.onnx"), "--interleave", "--threads", "1",
+                                 "--reps", "2", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["host"]["cpu"] and set(got["results"]) == {str(info.path), str(tmp_path / "f.onnx")}
+    assert [x["runtime"] for x in got["results"][str(info.path)]].count("openvino-cpu") == 1
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=0, reps=1)}
