@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/cpu_speed.py                 # writes runs/cpu-speed/<model>-{FP32,W8A8}.onnx
     .venv/bin/python benchmarks/latency_budget_cpu.py --sensitivity <a sensitivity report with W8A8 scores>
 
-The table is the per-conv time of the float and the W8A8 Q/DQ graph (`lowbit latency-table`); the search
-chooses W8A8 or float per layer within a budget: `--budgets` as shares of the float graph's conv time,
-`--int8-multiples` as multiples of the uniform W8A8 graph's (1.1: the mixed scheme that keeps the most
-accuracy while staying within 10% of uniform INT8's speed). A prediction is the chosen convs' times plus the
-float graph's non-conv time, scaled by the float graph's wall time over its profiled total (profiling itself
-adds time). Each scheme is then exported and all graphs are timed interleaved, one inference each in turn
+The table is the per-conv time of the float and the W8A8 Q/DQ graph plus the measured price of a precision
+switch between neighbouring convs (`lowbit latency-table`); the search chooses W8A8 or float per layer within
+a budget: `--budgets` as shares of the float graph's conv time, `--int8-multiples` as multiples of the
+uniform W8A8 graph's (1.1: the mixed scheme that keeps the most accuracy while staying within 10% of
+uniform INT8's speed). A prediction (`predict_ms`) is the chosen convs' times, the float graph's non-conv
+time and the switches, scaled by the float graph's wall time over its profiled total (profiling itself adds
+time); `--no-switches` leaves the switches out, as the first version of the table did. Each scheme is then exported and all graphs are timed interleaved, one inference each in turn
 (`compare_openvino`), since a shared machine's speed drifts between minutes. The chosen manifests go into the output,
 so their mAP can be measured elsewhere (`lowbit eval`). CPU, 2 threads, batch 1, 640x640; `--model
 yolov10m.yaml` for the YOLOv10m structure (then the sensitivity report must be one of that model).
@@ -22,8 +23,8 @@ from lowbit.api import demo_assets
 from lowbit.data.datasets import load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
-from lowbit.evaluate.bench import _openvino_default_precision, _time_openvino, compare_openvino, host_cpu
-from lowbit.evaluate.layer_latency import latency_table
+from lowbit.evaluate.bench import _openvino_default_precision, compare_openvino, host_cpu
+from lowbit.evaluate.layer_latency import latency_table, predict_ms, switches
 from lowbit.export.onnx_qdq import export_qdq_onnx
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--budgets", default="0.75,0.85,0.95", help="shares of the float graph's conv time")
     ap.add_argument("--int8-multiples", default="", help="multiples of the uniform W8A8 graph's conv time")
     ap.add_argument("--reps", type=int, default=100, help="interleaved inferences per graph")
+    ap.add_argument("--no-switches", action="store_true", help="ignore the price of precision switches")
     ap.add_argument("--work", default="runs/cpu-speed")
     ap.add_argument("--out", default="docs/data/latency-budget-cpu.json")
     a = ap.parse_args()
@@ -48,19 +50,21 @@ def main():
     det = load_detector(model)
     calib = make_batches(load_dataset(assets["calib"]), 640, 8)
     fp32, int8 = work / f"{tag}-FP32.onnx", work / f"{tag}-W8A8.onnx"
-    table = latency_table(fp32, {"W8A8": int8}, threads=2, reps=20)
+    table = latency_table(fp32, {"W8A8": int8}, threads=2, reps=20, probe_switches=not a.no_switches)
     layers, fixed = table["layers"], table["fixed_ms"]
-    fp = _time_openvino(fp32, 2, 5, 30).median_ms
-    scale = fp / (sum(v["FP16"] for v in layers.values()) + fixed)
-    p = allocate.Problem(SensitivityReport.load(a.sensitivity), ["W8A8"], cost="latency", latency_table=layers)
-    out = {"host": host_cpu(), "model": tag, "float_precision": _openvino_default_precision(), "scale": scale,
-           "fixed_ms": fixed, "schemes": {}}
+    p = allocate.Problem(SensitivityReport.load(a.sensitivity), ["W8A8"], cost="latency", latency_table=layers,
+                         switch_ms=table["switch_ms"], edges=table["edges"])
+    out = {"host": host_cpu(), "model": tag, "float_precision": _openvino_default_precision(),
+           "scale": table["wall_scale"], "fixed_ms": fixed, "switch_ms": table["switch_ms"],
+           "edges": len(table["edges"]), "schemes": {}}
     float_conv = sum(layers[x.name]["FP16"] for x in p.layers)
     int8_conv = sum(layers[x.name]["W8A8"] for x in p.layers)
     print(f"{tag}: profiled conv time of the scored layers: float ({out['float_precision']}) {float_conv:.1f} ms, "
-          f"W8A8 {int8_conv:.1f} ms; the rest {fixed:.1f} ms")
+          f"W8A8 {int8_conv:.1f} ms; the rest {fixed:.1f} ms; a precision switch {table['switch_ms']} ms, "
+          f"{len(table['edges'])} conv-to-conv edges")
     budgets = [(f"latency-{b}-W8A8", float(b) * float_conv) for b in a.budgets.split(",") if b]
     budgets += [(f"latency-int8x{b}-W8A8", float(b) * int8_conv) for b in a.int8_multiples.split(",") if b]
+    out["predicted_ms"] = {"FP32": predict_ms(table, {}), "W8A8": predict_ms(table, {n: "W8A8" for n in layers})}
     graphs = {"FP32": (fp32, None), "FP32 (f32)": (fp32, "f32"), "W8A8": (int8, None)}
     for label, ms in budgets:
         try:
@@ -69,11 +73,13 @@ def main():
             print(f"{label}: skipped, {e}")
             continue
         m.model, m.weight_clip = model, "max"
-        pred = (sum(layers[n]["W8A8"] if n in m.layers else v["FP16"] for n, v in layers.items()) + fixed) * scale
+        pred = predict_ms(table, {n: "W8A8" for n in m.layers})
         path = work / f"{tag}-{label}.onnx"
         export_qdq_onnx(det.net, apply_manifest(det, m, calib).cpu(), m, path)
         graphs[label] = (path, None)
+        n_switch = switches(table["edges"], set(m.layers))
         out["schemes"][label] = {"int8_layers": len(m.layers), "float_layers": len(p.layers) - len(m.layers),
+                                 "switches": n_switch,
                                  "predicted_damage": m.origin["predicted_damage"], "predicted_ms": pred,
                                  "manifest": m.model_dump(mode="json")}
     timed = compare_openvino(graphs, threads=2, reps=a.reps)

@@ -144,7 +144,7 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            low: str = "W4A16", high: str = "W8A16",
            pareto: int = typer.Option(0, help="points on the damage/cost front"),
            cost: str = typer.Option("weight_bits", help="weight_bits, bitops, or latency (needs --latency-table)"),
-           latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then milliseconds of conv time"),
+           latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then profiled milliseconds of conv time and precision switches"),
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
@@ -153,8 +153,9 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
 
     from lowbit.io import read_json
 
-    table = read_json(latency_table)["layers"] if latency_table else None
-    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost, table)
+    table = read_json(latency_table) if latency_table else {}
+    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost, table.get("layers"),
+                         switch_ms=table.get("switch_ms"), edges=table.get("edges"))
     manifests = [allocate.budget(p, float(b)) for b in (budget.split(",") if budget else [])]
     manifests += [allocate.top_k(p, int(k), low, high) for k in (topk.split(",") if topk else [])]
     manifests += allocate.pareto(p, pareto) if pareto else []
@@ -342,7 +343,9 @@ def latency_table(float_model: Path = typer.Argument(..., help="the float .onnx"
     write_json(out, table)
     conv = {f: sum(v.get(f, 0.0) for v in table["layers"].values()) for f in ["FP16", *pairs]}
     console.print(f"{len(table['layers'])} convs; conv time per graph (profiler ms): "
-                  + ", ".join(f"{f} {ms:.1f}" for f, ms in conv.items()) + f"; everything else {table['fixed_ms']:.1f} ms")
+                  + ", ".join(f"{f} {ms:.1f}" for f, ms in conv.items()) + f"; everything else {table['fixed_ms']:.1f} ms; "
+                  + "each precision switch between neighbouring convs: "
+                  + (", ".join(f"{f} {ms:.2f} ms" for f, ms in table["switch_ms"].items()) or "not measured"))
 
 
 @app.command()

@@ -166,6 +166,56 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     assert p.total(full)[1] <= limit + 1e-9  # (at 64 px int8 convs are not always the cheaper choice)
 
 
+def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches):
+    """Mixed graphs built from the two uniform ones reproduce each; edges link convs; a switch price changes
+    the search's choice away from a scheme that switches at every edge."""
+    import onnxruntime as ort
+
+    from lowbit.evaluate.layer_latency import conv_edges, mix_qdq_graph, predict_ms, switches
+    from lowbit.export.qdq_lint import check_qdq
+    from lowbit.search import allocate
+    from lowbit.sensitivity.report import build_report
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
+    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
+    onnx.save(export_float_onnx(tiny.net, m.imgsz), str(tmp_path / "f.onnx"))
+    edges = conv_edges(tmp_path / "f.onnx")
+    assert ("model.0.conv", "model.1.conv") in edges
+    assert {a for a, _ in edges} | {b for _, b in edges} <= {x.name for x in tiny.layers()}
+
+    x = np.random.default_rng(0).random((1, 3, m.imgsz, m.imgsz), dtype=np.float32)
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"images": x})[0]
+
+    half = set(sorted(m.layers)[::2])
+    mixed = mix_qdq_graph(tmp_path / "f.onnx", q.path, half, tmp_path / "mix.onnx")
+    rep = check_qdq(mixed)
+    assert rep.weight_quantized == rep.input_quantized == len(half) and rep.violations() == []
+    none = mix_qdq_graph(tmp_path / "f.onnx", q.path, set(), tmp_path / "none.onnx")
+    allq = mix_qdq_graph(tmp_path / "f.onnx", q.path, set(m.layers), tmp_path / "all.onnx")
+    np.testing.assert_array_equal(run(none), run(tmp_path / "f.onnx"))
+    np.testing.assert_array_equal(run(allq), run(q.path))
+    assert switches(edges, set()) == 0 and switches(edges, half) > 0
+
+    # four layers in a chain; INT8 halves a conv's cost; two of them are free to quantize, and they alternate
+    names = [x.name for x in tiny.quantizable_layers()[:4]]
+    chain = list(zip(names, names[1:]))
+    infos = [x for x in tiny.quantizable_layers() if x.name in names]
+    scores = {n: {"W8A8": [0.0, 100.0, 0.0, 100.0][i]} for i, n in enumerate(names)}
+    report = build_report("tiny", "t", ["W8A8"], infos, scores, 1, 64, "cpu", 0.0)
+    table = {n: {"FP16": 1.0, "W8A8": 0.5} for n in names}
+    free = allocate.budget(allocate.Problem(report, ["W8A8"], cost="latency", latency_table=table), 3.0)
+    assert set(free.layers) == {names[0], names[2]}  # no switch price: the two harmless layers, 3 switches
+    priced = allocate.Problem(report, ["W8A8"], cost="latency", latency_table=table, switch_ms={"W8A8": 0.2}, edges=chain)
+    chosen = allocate.budget(priced, 3.3)
+    assign = {n: chosen.layers.get(n, allocate.FP16) for n in names}
+    assert set(chosen.layers) != {names[0], names[2]} and priced.total(assign)[1] <= 3.3 + 1e-9
+    full = {"layers": table, "fixed_ms": 1.0, "edges": chain, "switch_ms": {"W8A8": 0.2}, "wall_scale": 2.0}
+    assert predict_ms(full, {names[0]: "W8A8", names[2]: "W8A8"}) == pytest.approx((3.0 + 1.0 + 3 * 0.2) * 2.0)
+
+
 def test_qdq_rules_hold_for_lowbit_exports_and_catch_broken_graphs(tmp_path, tiny, tiny_batches):
     from typer.testing import CliRunner
 

@@ -5,6 +5,14 @@ its weight input (`<layer>.weight` in a float export, `<layer>.weight_dq` behind
 holds, per layer, the milliseconds of that conv in each graph given: the float graph under the key
 "FP16" (the search's name for "left in float"; it runs f32 on a CPU without BF16) and one Q/DQ graph per
 format. Everything that is not a conv is the graph's fixed remainder, measured once from the float graph.
+
+A per-layer table, profiled on two uniform graphs, cannot see what a mixed scheme pays where neighbouring
+convs run in different precisions (a runtime may convert layouts and types there). So the table also holds
+the conv-to-conv edges of the graph and a measured price per switch: a probe graph, built from the two
+uniform graphs by keeping Q/DQ on every other conv, is profiled, and what it costs beyond its convs' table
+times and the fixed remainder is divided by its switches. `predict_ms` and the latency search both count
+switches at that price. (OpenVINO on the AVX2 and AMX hosts measured here priced a switch at ~0 ms; the
+probe keeps a runtime where switches do cost from being mis-planned.)
 """
 
 from __future__ import annotations
@@ -18,12 +26,80 @@ from lowbit.errors import LowbitError
 CONV_TYPES = ("Convolution", "GroupConvolution")
 
 
+def _layer_of_conv(node) -> str:
+    return node.input[1].removesuffix("_dq").removesuffix(".weight")
+
+
 def _layer_of_node(path: Path) -> dict[str, str]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {n.name: n.input[1].removesuffix("_dq").removesuffix(".weight") for n in model.graph.node
-            if n.op_type == "Conv" and len(n.input) > 1}
+    return {n.name: _layer_of_conv(n) for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+
+
+def conv_edges(path: str | Path) -> list[tuple[str, str]]:
+    """(producer layer, consumer layer) for every conv whose input comes from another conv's output through
+    ops that are not convs (activations, Q/DQ, split, concat, add, pooling, resize)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    edges = set()
+    for conv in graph.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2:
+            continue
+        stack, seen = [conv.input[0]], set()
+        while stack:
+            t = stack.pop()
+            n = producer.get(t)
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type == "Conv" and len(n.input) > 1:
+                edges.add((_layer_of_conv(n), _layer_of_conv(conv)))
+            else:
+                stack.extend(i for i in n.input if i in producer)
+    return sorted(edges)
+
+
+def mix_qdq_graph(float_onnx: str | Path, qdq_onnx: str | Path, keep: set[str], out: str | Path) -> Path:
+    """A graph with the Q/DQ graph's quantized convs only for the layers in `keep`, every other conv as in
+    the float graph: mixed schemes for timing, without PyTorch or calibration."""
+    import onnx
+
+    from lowbit.export.onnx_qdq import drop_unused_initializers
+    from lowbit.io import atomic_write_bytes
+
+    fl, q = onnx.load(str(float_onnx)), onnx.load(str(qdq_onnx))
+    weights = {t.name: t for t in fl.graph.initializer}
+    g = q.graph
+    producer = {o: n for n in g.node for o in n.output}
+    for conv in g.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2 or _layer_of_conv(conv) in keep:
+            continue
+        layer = _layer_of_conv(conv)
+        if conv.input[1] != f"{layer}.weight":
+            g.initializer.append(weights[f"{layer}.weight"])
+            conv.input[1] = f"{layer}.weight"
+        dq = producer.get(conv.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0]) is not None \
+                and producer[dq.input[0]].op_type == "QuantizeLinear":
+            conv.input[0] = producer[dq.input[0]].input[0]
+    outputs = {o.name for o in g.output}
+    while True:  # drop what no longer feeds anything
+        used = {i for n in g.node for i in n.input} | outputs
+        keep_nodes = [n for n in g.node if any(o in used for o in n.output)]
+        if len(keep_nodes) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    drop_unused_initializers(g)
+    return atomic_write_bytes(out, q.SerializeToString())
+
+
+def switches(edges: list[tuple[str, str]], low_precision: set[str]) -> int:
+    """Edges whose two convs run in different precisions (one in `low_precision`, the other not)."""
+    return sum((a in low_precision) != (b in low_precision) for a, b in edges)
 
 
 def openvino_conv_times(path: str | Path, threads: int | None = None, reps: int = 20) -> tuple[dict[str, float], float]:
@@ -62,14 +138,55 @@ def openvino_conv_times(path: str | Path, threads: int | None = None, reps: int 
 
 
 def latency_table(float_onnx: str | Path, quantized: dict[str, str | Path], threads: int | None = None,
-                  reps: int = 20) -> dict:
-    """{"layers": {layer: {"FP16": ms, fmt: ms, ...}}, "fixed_ms": non-conv time of the float graph}.
+                  reps: int = 20, probe_switches: bool = True) -> dict:
+    """{"layers": {layer: {"FP16": ms, fmt: ms, ...}}, "fixed_ms": non-conv time of the float graph,
+    "edges": conv-to-conv edges, "switch_ms": {fmt: ms per precision switch}, "wall_scale": float graph's
+    wall time over its profiled total}.
 
     A layer a runtime fused away in some graph (no conv of its own there) costs 0 in that graph."""
+    import tempfile
+
+    from lowbit.evaluate.bench import _time_openvino
+
     base, fixed = openvino_conv_times(float_onnx, threads, reps)
     table = {layer: {"FP16": ms} for layer, ms in base.items()}
     for fmt, path in quantized.items():
         times, _ = openvino_conv_times(path, threads, reps)
         for layer in table:
             table[layer][fmt] = times.get(layer, 0.0)
-    return {"runtime": "openvino-cpu", "threads": threads, "fixed_ms": fixed, "layers": table}
+    edges = conv_edges(float_onnx)
+    wall = _time_openvino(Path(float_onnx), threads, 3, reps).median_ms
+    out = {"runtime": "openvino-cpu", "threads": threads, "fixed_ms": fixed, "layers": table, "edges": edges,
+           "switch_ms": {}, "wall_scale": wall / (sum(v["FP16"] for v in table.values()) + fixed)}
+    if probe_switches:
+        order = _conv_order(float_onnx)
+        for fmt, path in quantized.items():
+            keep = {layer for i, layer in enumerate(order) if i % 2 == 0 and table.get(layer, {}).get(fmt)}
+            n = switches(edges, keep)
+            if not n:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                probe = mix_qdq_graph(float_onnx, path, keep, Path(tmp) / "probe.onnx")
+                times, rest = openvino_conv_times(probe, threads, reps)
+            expected = sum(table[x][fmt if x in keep else "FP16"] for x in table) + fixed
+            out["switch_ms"][fmt] = max(0.0, (sum(times.values()) + rest - expected) / n)
+    return out
+
+
+def _conv_order(path: str | Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [_layer_of_conv(n) for n in graph.node if n.op_type == "Conv" and len(n.input) > 1]
+
+
+def predict_ms(table: dict, assign: dict[str, str]) -> float:
+    """Wall-clock latency of a scheme ({layer: format name}; a layer not named stays float), from the table:
+    each conv at its format, the fixed remainder, and every precision switch at the probed price."""
+    layers = table["layers"]
+    profiled = sum(v[assign.get(layer, "FP16")] if assign.get(layer, "FP16") in v else v["FP16"]
+                   for layer, v in layers.items()) + table["fixed_ms"]
+    for fmt, ms in table.get("switch_ms", {}).items():
+        profiled += ms * switches([tuple(e) for e in table.get("edges", [])],
+                                  {layer for layer, f in assign.items() if f == fmt})
+    return profiled * table.get("wall_scale", 1.0)

@@ -160,11 +160,15 @@ def write_qdq(model, manifest: Manifest, source):
         nodes.append(n)
     del graph.node[:]
     graph.node.extend(nodes)
+    drop_unused_initializers(graph)
+    return counts, n_act
+
+
+def drop_unused_initializers(graph) -> None:
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return counts, n_act
 
 
 def tensorrt_verdict(manifest: Manifest) -> tuple[bool, str]:

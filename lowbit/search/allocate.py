@@ -26,7 +26,10 @@ class Problem:
 
     def __init__(self, report: SensitivityReport, formats: list[str], allow_fp16: bool = True,
                  cost: str = "weight_bits", latency_table: dict[str, dict[str, float]] | None = None,
-                 weight_clip: str = "gptq"):
+                 weight_clip: str = "gptq", switch_ms: dict[str, float] | None = None,
+                 edges: list[tuple[str, str]] | None = None):
+        """`switch_ms` and `edges` (from `lowbit latency-table`): with the latency cost, each edge between two
+        convs of which exactly one runs in format F also costs switch_ms[F]."""
         self.report = report
         self.weight_clip = weight_clip
         self.formats = [parse_format(f) for f in formats]
@@ -39,6 +42,8 @@ class Problem:
             raise LowbitError("cost 'latency' needs a per-layer latency table")
         self.cost_kind = cost
         self.latency = latency_table or {}
+        self.switch_ms = {f: ms for f, ms in (switch_ms or {}).items() if ms > 0} if cost == "latency" else {}
+        self.edges = [tuple(e) for e in edges or []]
         self.layers: list[LayerInfo] = [LayerInfo(**r.model_dump(include=set(LayerInfo.model_fields))) for r in report.rows]
         self.options = {layer.name: ([FP16] if allow_fp16 else []) + self.formats for layer in self.layers}
         self.total_params = sum(layer.params for layer in self.layers) or 1
@@ -61,10 +66,14 @@ class Problem:
         except KeyError:
             raise LowbitError(f"latency table has no entry for layer {layer.name} in {fmt.name}") from None
 
+    def switch_cost(self, assign: dict[str, Format]) -> float:
+        return sum(ms * sum((assign.get(a, FP16).name == f) != (assign.get(b, FP16).name == f) for a, b in self.edges)
+                   for f, ms in self.switch_ms.items())
+
     def total(self, assign: dict[str, Format]) -> tuple[float, float]:
         by = {layer.name: layer for layer in self.layers}
         return (sum(self.damage(n, f) for n, f in assign.items()),
-                sum(self.cost(by[n], f) for n, f in assign.items()))
+                sum(self.cost(by[n], f) for n, f in assign.items()) + self.switch_cost(assign))
 
     def bounds(self) -> tuple[float, float]:
         lo = sum(min(self.cost(layer, f) for f in self.options[layer.name]) for layer in self.layers)
@@ -103,8 +112,20 @@ def budget(p: Problem, limit: float, name: str | None = None) -> Manifest:
     x = {(layer.name, i): prob.add_variable(f"x_{j}_{i}", cat="Binary")
          for j, layer in enumerate(p.layers) for i in range(len(p.options[layer.name]))}
     prob += pulp.lpSum(p.damage(n, p.options[n][i]) * v for (n, i), v in x.items())
-    prob += pulp.lpSum(p.cost(layer, f) * x[(layer.name, i)]
-                       for layer in p.layers for i, f in enumerate(p.options[layer.name])) <= limit
+    spent = [p.cost(layer, f) * x[(layer.name, i)] for layer in p.layers for i, f in enumerate(p.options[layer.name])]
+
+    def runs_as(layer: str, fmt: str):  # 1 where the layer takes `fmt`; layers outside the search stay float
+        return pulp.lpSum(x[(layer, i)] for i, f in enumerate(p.options.get(layer, [])) if f.name == fmt)
+
+    for k, (fmt, ms) in enumerate(p.switch_ms.items()):
+        for j, (a, b) in enumerate(p.edges):
+            if a not in p.options and b not in p.options:
+                continue
+            s = prob.add_variable(f"s_{k}_{j}", lowBound=0)  # >= |difference|; only the budget reads it
+            prob += s >= runs_as(a, fmt) - runs_as(b, fmt)
+            prob += s >= runs_as(b, fmt) - runs_as(a, fmt)
+            spent.append(ms * s)
+    prob += pulp.lpSum(spent) <= limit
     for layer in p.layers:
         prob += pulp.lpSum(x[(layer.name, i)] for i in range(len(p.options[layer.name]))) == 1
     with warnings.catch_warnings():
