@@ -31,7 +31,8 @@ class SearchSpec(BaseModel):
     method: str = "gradient"  # which sensitivity report drives the allocation
     formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
     allow_fp16: bool = True
-    cost: str = "weight_bits"
+    cost: str = "weight_bits"  # or bitops, or latency (then budgets are profiled ms of the latency table)
+    latency_table: str | None = None  # `lowbit latency-table` JSON, for cost: latency
     budgets: list[float] = Field(default_factory=lambda: [5.0, 5.6, 6.0])
     topk: list[int] = Field(default_factory=list)
     topk_low: str = "W4A16"
@@ -100,6 +101,9 @@ class StudyConfig(BaseModel):
                 if isinstance(raw.get(key), dict) and isinstance(raw[key].get("path"), str):
                     raw[key]["path"] = resolve(raw[key]["path"])
             raw["schemes"] = [resolve(s) for s in raw.get("schemes", [])]
+            for spec in [raw["search"]] if isinstance(raw.get("search"), dict) else raw.get("search") or []:
+                if isinstance(spec, dict) and isinstance(spec.get("latency_table"), str):
+                    spec["latency_table"] = resolve(spec["latency_table"])
             return cls.model_validate(raw)
         except yaml.YAMLError as e:
             raise LowbitError(f"{path}: malformed yaml ({e})") from None
@@ -212,12 +216,19 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
 def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, data_key, sens_dir) -> list[Manifest]:
     if s.method not in reports:
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
-    p = allocate.Problem(reports[s.method], s.formats, s.allow_fp16, s.cost, weight_clip=cfg.weight_clip)
+    table = {}
+    if s.latency_table:
+        if not Path(s.latency_table).is_file():
+            raise LowbitError(f"search.latency_table {s.latency_table}: file not found (make it with `lowbit latency-table`)")
+        table = read_json(s.latency_table)
+    p = allocate.Problem(reports[s.method], s.formats, s.allow_fp16, s.cost, table.get("layers"), weight_clip=cfg.weight_clip,
+                         switch_ms=table.get("switch_ms"), edges=table.get("edges"))
     searched = [allocate.budget(p, b) for b in s.budgets]
     searched += [allocate.top_k(p, k, s.topk_low, s.topk_high) for k in s.topk]
     searched += allocate.pareto(p, s.pareto_points) if s.pareto_points else []
     out = list(searched)
-    for m in [m for m in searched if m.origin["kind"] == "budget"]:
+    # random baselines match a budget scheme's INT4 share, which a latency budget does not set
+    for m in [m for m in searched if m.origin["kind"] == "budget" and s.cost != "latency"]:
         out += [allocate.random_like(p, m, s.topk_low, s.topk_high, seed) for seed in s.random_seeds]
     if s.modelopt_budgets:
         out += _modelopt_manifests(cfg, s, det, p, batches()[0], root, data_key, sens_dir)

@@ -165,6 +165,20 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     full = {x.name: chosen.layers.get(x.name, allocate.FP16) for x in p.layers}
     assert p.total(full)[1] <= limit + 1e-9  # (at 64 px int8 convs are not always the cheaper choice)
 
+    # the study's search takes the same table from its config
+    from lowbit.api import DataConfig
+    from lowbit.io import write_json
+    from lowbit.study import SearchSpec, StudyConfig, _search
+
+    write_json(tmp_path / "t.json", table)
+    cfg = StudyConfig(model="m", calib=DataConfig(path="c"), eval=DataConfig(path="e"))
+    spec = SearchSpec(method="t", formats=["W8A8"], cost="latency", latency_table=str(tmp_path / "t.json"), budgets=[limit])
+    got = _search(cfg, spec, {"t": rep}, tiny, None, tmp_path, None, None)
+    assert [g.layers for g in got] == [chosen.layers]  # and no random baselines, which match INT4 shares
+    with pytest.raises(LowbitError, match="search.latency_table .*missing.json: file not found"):
+        _search(cfg, spec.model_copy(update={"latency_table": str(tmp_path / "missing.json")}), {"t": rep}, tiny, None,
+                tmp_path, None, None)
+
 
 def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches):
     """Mixed graphs built from the two uniform ones reproduce each; edges link convs; a switch price changes
