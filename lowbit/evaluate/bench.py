@@ -43,7 +43,8 @@ def runtimes() -> dict[str, tuple[bool, str]]:
     }
 
 
-def _timed(run, x, warmup: int, reps: int) -> tuple[float, float]:
+def _timed(run, x, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` runs after `warmup` untimed ones."""
     for _ in range(warmup):
         run(x)
     times = []
@@ -51,7 +52,7 @@ def _timed(run, x, warmup: int, reps: int) -> tuple[float, float]:
         t = time.perf_counter()
         run(x)
         times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 90))
+    return times
 
 
 def host_cpu() -> dict:
@@ -124,15 +125,8 @@ def _time_openvino(path: Path, threads: int | None, warmup: int, reps: int, prec
     compiled, why = _compile_openvino(path, threads, precision)
     if compiled is None:
         return BenchResult(runtime=runtime, present=True, note=why)
-    req, x = compiled.create_infer_request(), _input_for(compiled)
-    for _ in range(warmup):
-        req.infer({0: x})
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        req.infer({0: x})
-        times.append((time.perf_counter() - t) * 1e3)
-    return _openvino_result(compiled, runtime, threads, times)
+    req = compiled.create_infer_request()
+    return _openvino_result(compiled, runtime, threads, _timed(lambda v: req.infer({0: v}), _input_for(compiled), warmup, reps))
 
 
 def compare_openvino(graphs: dict[str, tuple[str | Path, str | None]], threads: int | None = None, warmup: int = 5,
@@ -172,7 +166,8 @@ def _time_ort(path: Path, provider: str, threads: int | None, warmup: int, reps:
     inp = runner.session.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    med, p90 = _timed(lambda v: runner.session.run(None, {inp.name: v}), x, warmup, reps)
+    times = _timed(lambda v: runner.session.run(None, {inp.name: v}), x, warmup, reps)
+    med, p90 = float(np.median(times)), float(np.percentile(times, 90))
     return BenchResult(runtime=runner.name, present=True, batch=shape[0], threads=threads, median_ms=med,
                        p90_ms=p90, throughput_ips=shape[0] * 1e3 / med)
 

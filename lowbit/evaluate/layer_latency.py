@@ -159,7 +159,7 @@ def latency_table(float_onnx: str | Path, quantized: dict[str, str | Path], thre
     out = {"runtime": "openvino-cpu", "threads": threads, "fixed_ms": fixed, "layers": table, "edges": edges,
            "switch_ms": {}, "wall_scale": wall / (sum(v["FP16"] for v in table.values()) + fixed)}
     if probe_switches:
-        order = _conv_order(float_onnx)
+        order = list(_layer_of_node(Path(float_onnx)).values())  # convs in graph order
         for fmt, path in quantized.items():
             keep = {layer for i, layer in enumerate(order) if i % 2 == 0 and table.get(layer, {}).get(fmt)}
             n = switches(edges, keep)
@@ -173,20 +173,11 @@ def latency_table(float_onnx: str | Path, quantized: dict[str, str | Path], thre
     return out
 
 
-def _conv_order(path: str | Path) -> list[str]:
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [_layer_of_conv(n) for n in graph.node if n.op_type == "Conv" and len(n.input) > 1]
-
-
 def predict_ms(table: dict, assign: dict[str, str]) -> float:
     """Wall-clock latency of a scheme ({layer: format name}; a layer not named stays float), from the table:
     each conv at its format, the fixed remainder, and every precision switch at the probed price."""
     layers = table["layers"]
-    profiled = sum(v[assign.get(layer, "FP16")] if assign.get(layer, "FP16") in v else v["FP16"]
-                   for layer, v in layers.items()) + table["fixed_ms"]
+    profiled = sum(v.get(assign.get(layer, "FP16"), v["FP16"]) for layer, v in layers.items()) + table["fixed_ms"]
     for fmt, ms in table.get("switch_ms", {}).items():
-        profiled += ms * switches([tuple(e) for e in table.get("edges", [])],
-                                  {layer for layer, f in assign.items() if f == fmt})
+        profiled += ms * switches(table.get("edges", []), {layer for layer, f in assign.items() if f == fmt})
     return profiled * table.get("wall_scale", 1.0)

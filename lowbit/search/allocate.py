@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 
 from lowbit.errors import LowbitError
+from lowbit.evaluate.layer_latency import switches
 from lowbit.formats import Format, parse_format
 from lowbit.models.ultralytics import LayerInfo
 from lowbit.quantize.manifest import Manifest, scheme_stats
@@ -67,8 +68,8 @@ class Problem:
             raise LowbitError(f"latency table has no entry for layer {layer.name} in {fmt.name}") from None
 
     def switch_cost(self, assign: dict[str, Format]) -> float:
-        return sum(ms * sum((assign.get(a, FP16).name == f) != (assign.get(b, FP16).name == f) for a, b in self.edges)
-                   for f, ms in self.switch_ms.items())
+        return sum(ms * switches(self.edges, {n for n, f in assign.items() if f.name == fmt})
+                   for fmt, ms in self.switch_ms.items())
 
     def total(self, assign: dict[str, Format]) -> tuple[float, float]:
         by = {layer.name: layer for layer in self.layers}
