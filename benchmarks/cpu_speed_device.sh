@@ -31,5 +31,5 @@ if [ "${1:-uniform}" != yolov10m ]; then
     --budgets 0.95 --int8-multiples 1.1 --out "$OUT/latency-budget-yolov10n-xeon.json" 2>&1 | quiet
 fi
 taskset -c "$cores" python3 benchmarks/latency_budget_cpu.py --model yolov10m.yaml --reps 60 \
-  --sensitivity runs/sens-v10m/distortion/layer-sensitivity-report.json --budgets "" --int8-multiples 1.1,1.25 \
+  --sensitivity runs/sens-v10m/distortion/layer-sensitivity-report.json --budgets "" --int8-multiples 1.05,1.1,1.25 \
   --out "$OUT/latency-budget-yolov10m-xeon-switches.json" 2>&1 | quiet

@@ -2,7 +2,7 @@
 
     bash benchmarks/finetune_gpu.sh            # on the lent GPU machine; see that script for the carried files
 
-Training images: 160 coco-calib-train images (.carry/ft/train, no labels read). Variants are chosen on 32
+Training images: the 256 coco-calib-train images that are not held out (.carry/ft/train, no labels read). Variants are chosen on 32
 other, labelled coco-calib-train images (.carry/ft/dev); coco-val200 is never seen here: the best variant
 of each scheme comes back as a checkpoint and is evaluated on coco-val200 on the CPU:
 
@@ -22,7 +22,7 @@ from lowbit.data.loader import make_batches
 from lowbit.evaluate.coco import evaluate
 from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.models.ultralytics import load_detector
-from lowbit.quantize.apply import apply_manifest, save_quantized
+from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
 from lowbit.quantize.manifest import Manifest
 
 VARIANTS = {
@@ -47,13 +47,31 @@ VARIANTS = {
     "adaround-1000-lr1e-2-flip": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                 flip_copies=True),
     "adaround-2000-lr1e-2": FinetuneConfig(mode="adaround", block_steps=2000, batch=16, round_lr=1e-2),
+    "adaround-1000-lr1e-2-bias": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                round_bias=True, lr=1e-4),
+    "global-e60-lr1e-3-aug": FinetuneConfig(mode="adaround-global", epochs=60, batch=16, round_lr=1e-3,
+                                            scale_jitter=0.4, color_jitter=0.3),
+    "global-e60-lr1e-3-aug-bias": FinetuneConfig(mode="adaround-global", epochs=60, batch=16, round_lr=1e-3,
+                                                 scale_jitter=0.4, color_jitter=0.3, round_bias=True, lr=1e-5),
+    # from the block-wise result (margin 0.25 from each choice), 1e-3 moved no rounding across in 960 steps
+    "global-e60-lr1e-2-aug": FinetuneConfig(mode="adaround-global", epochs=60, batch=16, round_lr=1e-2,
+                                            scale_jitter=0.4, color_jitter=0.3),
+    "global-e60-lr3e-3-aug": FinetuneConfig(mode="adaround-global", epochs=60, batch=16, round_lr=3e-3,
+                                            scale_jitter=0.4, color_jitter=0.3),
+    "global-e60-lr1e-2": FinetuneConfig(mode="adaround-global", epochs=60, batch=16, round_lr=1e-2),
+    "adaround-1000-lr1e-2-step1e-4": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                    learn_scales=True, lr=1e-4),
+    "adaround-1000-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                    learn_scales=True, lr=1e-3),
 }
-# "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top)
+# "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top); a chain
+# whose first stages were already run for this scheme starts from their result instead of running them again
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", default="W4A16,.carry/ft/schemes/budget-5.6.json,.carry/ft/schemes/budget-4.5.json")
+    ap.add_argument("--schemes", default="W4A16,.carry/ft/schemes/budget-5.6.json,.carry/ft/schemes/budget-4.5.json",
+                    help="format names, manifests, or checkpoint folders (a returned best: variants continue from it)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; a>b chains b after a")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--device", default="cuda")
@@ -74,27 +92,35 @@ def main():
 
     print("FP32 dev mAP", round(dev_map(det.net), 4), flush=True)
     for spec in a.schemes.split(","):
-        m = Manifest.load(spec) if spec.endswith(".json") else Manifest.uniform(det.source, det.layers(), spec)
-        m.model = det.source
         t = time.perf_counter()
-        base = apply_manifest(det, m, calib)
+        if os.path.isdir(spec):  # a checkpoint this script returned: its fine-tune is the first stage of each chain
+            base, m = load_quantized(spec, det)
+            base.to(dev)
+        else:
+            m = Manifest.load(spec) if spec.endswith(".json") else Manifest.uniform(det.source, det.layers(), spec)
+            m.model = det.source
+            base = apply_manifest(det, m, calib)
         ptq_s = time.perf_counter() - t
+        prior = m.origin.get("finetune", {})
         before = dev_map(base)
         print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {before:.4f}", flush=True)
         best = (before, "none", base)
+        done = {}  # chain -> (its network, its stages' results), so "a>b" reuses a's run
         for name in a.variants.split(","):
-            net = copy.deepcopy(base)
-            stages = []
-            for part in name.split(">"):
+            parts = name.split(">")
+            k = max((i for i in range(len(parts)) if ">".join(parts[:i]) in done), default=0)
+            net, stages = (copy.deepcopy(base), []) if k == 0 else copy.deepcopy(done[">".join(parts[:k])])
+            for i, part in enumerate(parts[k:], k + 1):
                 cfg = VARIANTS[part]
                 batches = make_batches(train, batch_size=cfg.batch)
                 stages.append(finetune(net, det.net, batches, cfg, dev, progress=False))  # its timer syncs the GPU
+                done[">".join(parts[:i])] = (copy.deepcopy(net), list(stages))
             res = stages[-1].model_copy(update={"mode": ">".join(r.mode for r in stages),
                                                 "steps": sum(r.steps for r in stages),
                                                 "seconds": sum(r.seconds for r in stages),
                                                 "first_loss": stages[0].first_loss})
             after = dev_map(net)
-            rec = {"scheme": m.name, "variant": name, "dev_before": before, "dev_after": after, **res.model_dump(),
+            rec = {"scheme": m.name, "variant": ">".join(filter(None, [prior.get("variant"), name])), "dev_before": before, "dev_after": after, **res.model_dump(),
                    "train_images": len(train), "calib_images": min(a.calib_images, len(train)),
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")
@@ -103,9 +129,11 @@ def main():
                   f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
             if after > best[0]:
                 best = (after, name, net)
-        m.origin = {**m.origin, "finetune": {"variant": best[1],
-                                             "stages": [VARIANTS[v].model_dump() for v in best[1].split(">") if v in VARIANTS]}}
-        save_quantized(best[2].cpu(), m, f"{a.out}/{m.name.replace('.', '_')}")
+                # saved at once, so a run cut off by the device's time limit still returns its best so far
+                kept = m.model_copy(update={"origin": {**m.origin, "finetune": {
+                    "variant": ">".join(filter(None, [prior.get("variant"), name])),
+                    "stages": prior.get("stages", []) + [VARIANTS[v].model_dump() for v in parts]}}})
+                save_quantized(copy.deepcopy(net).cpu(), kept, f"{a.out}/{m.name.replace('.', '_')}")
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
 
 

@@ -8,8 +8,9 @@ switch between neighbouring convs (`lowbit latency-table`); the search chooses W
 a budget: `--budgets` as shares of the float graph's conv time, `--int8-multiples` as multiples of the
 uniform W8A8 graph's (1.1: the mixed scheme that keeps the most accuracy while staying within 10% of
 uniform INT8's speed). A prediction (`predict_ms`) is the chosen convs' times, the float graph's non-conv
-time and the switches, scaled by the float graph's wall time over its profiled total (profiling itself adds
-time); `--no-switches` leaves the switches out, as the first version of the table did. Each scheme is then exported and all graphs are timed interleaved, one inference each in turn
+time and the switches, in wall-clock ms: each precision's profiled times are scaled so its uniform graph's
+sum is that graph's wall time, measured interleaved when the table is built (until 2026-11-23 one scale,
+the float graph's, served every precision); `--no-switches` leaves the switches out, as the first version of the table did. Each scheme is then exported and all graphs are timed interleaved, one inference each in turn
 (`compare_openvino`), since a shared machine's speed drifts between minutes. The chosen manifests go into the output,
 so their mAP can be measured elsewhere (`lowbit eval`). CPU, 2 threads, batch 1, 640x640; `--model
 yolov10m.yaml` for the YOLOv10m structure (then the sensitivity report must be one of that model).
@@ -55,11 +56,11 @@ def main():
     p = allocate.Problem(SensitivityReport.load(a.sensitivity), ["W8A8"], cost="latency", latency_table=layers,
                          switch_ms=table["switch_ms"], edges=table["edges"])
     out = {"host": host_cpu(), "model": tag, "float_precision": _openvino_default_precision(),
-           "scale": table["wall_scale"], "fixed_ms": fixed, "switch_ms": table["switch_ms"],
+           "scale": table["scale"], "table_wall_ms": table["wall_ms"], "fixed_ms": fixed, "switch_ms": table["switch_ms"],
            "edges": len(table["edges"]), "schemes": {}}
     float_conv = sum(layers[x.name]["FP16"] for x in p.layers)
     int8_conv = sum(layers[x.name]["W8A8"] for x in p.layers)
-    print(f"{tag}: profiled conv time of the scored layers: float ({out['float_precision']}) {float_conv:.1f} ms, "
+    print(f"{tag}: conv time of the scored layers (wall-scaled): float ({out['float_precision']}) {float_conv:.1f} ms, "
           f"W8A8 {int8_conv:.1f} ms; the rest {fixed:.1f} ms; a precision switch {table['switch_ms']} ms, "
           f"{len(table['edges'])} conv-to-conv edges")
     budgets = [(f"latency-{b}-W8A8", float(b) * float_conv) for b in a.budgets.split(",") if b]

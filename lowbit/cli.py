@@ -144,7 +144,7 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            low: str = "W4A16", high: str = "W8A16",
            pareto: int = typer.Option(0, help="points on the damage/cost front"),
            cost: str = typer.Option("weight_bits", help="weight_bits, bitops, or latency (needs --latency-table)"),
-           latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then profiled milliseconds of conv time and precision switches"),
+           latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then milliseconds of conv time and precision switches"),
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
@@ -212,17 +212,19 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              calib_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
              max_images: Optional[int] = None,
-             mode: str = typer.Option("distill", help="distill (end to end), blocks (block-wise reconstruction) "
-                                                      "or adaround (block-wise, learned rounding only)"),
-             epochs: int = typer.Option(8, help="passes over the training images (distill)"),
+             mode: str = typer.Option("distill", help="distill (end to end), blocks (block-wise reconstruction), "
+                                                      "adaround (block-wise, learned rounding only) or adaround-global "
+                                                      "(learned rounding only, end to end)"),
+             epochs: int = typer.Option(8, help="passes over the training images (distill, adaround-global)"),
              block_steps: int = typer.Option(200, help="optimizer steps per block (blocks, adaround)"),
              lr: float = typer.Option(1e-5, help="learning rate of weights and biases (distill, blocks)"),
              round_lr: float = typer.Option(1e-3, help="learning rate of the rounding variables (adaround)"),
              round_weight: float = typer.Option(0.01, help="weight of the push of each rounding to up or down (adaround)"),
+             round_bias: bool = typer.Option(False, help="biases learn too, at --lr (adaround, adaround-global)"),
              batch: int = 8,
-             scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill)"),
-             color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill)"),
-             learn_scales: bool = typer.Option(False, help="learn integer weight scales (LSQ) as well as weights"),
+             scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
+             color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
+             learn_scales: bool = typer.Option(False, help="learn integer weight scales as well (LSQ; with adaround, the step of the rounded integers)"),
              feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
              label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
              device: str = "cpu", out: Optional[Path] = OUT):
@@ -231,7 +233,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     from lowbit.finetune.distill import FinetuneConfig
 
     ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
-                        round_weight=round_weight, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
+                        round_weight=round_weight, round_bias=round_bias, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
                                          eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
@@ -342,7 +344,8 @@ def latency_table(float_model: Path = typer.Argument(..., help="the float .onnx"
     table = build(float_model, pairs, threads, reps)
     write_json(out, table)
     conv = {f: sum(v.get(f, 0.0) for v in table["layers"].values()) for f in ["FP16", *pairs]}
-    console.print(f"{len(table['layers'])} convs; conv time per graph (profiler ms): "
+    console.print(f"{len(table['layers'])} convs; wall time per uniform graph: "
+                  + ", ".join(f"{f} {ms:.1f} ms" for f, ms in table["wall_ms"].items()) + "; of that in convs: "
                   + ", ".join(f"{f} {ms:.1f}" for f, ms in conv.items()) + f"; everything else {table['fixed_ms']:.1f} ms; "
                   + "each precision switch between neighbouring convs: "
                   + (", ".join(f"{f} {ms:.2f} ms" for f, ms in table["switch_ms"].items()) or "not measured"))

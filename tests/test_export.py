@@ -145,17 +145,21 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
 
 def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches):
     """OpenVINO's profiler times each conv of the float and the Q/DQ graph under its PyTorch layer name."""
-    from lowbit.evaluate.layer_latency import latency_table
+    from lowbit.evaluate.layer_latency import latency_table, predict_ms
     from lowbit.search import allocate
     from lowbit.sensitivity.report import build_report
 
     m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
     q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
-    table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2)
+    table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2, probe_switches=False)
     layers = table["layers"]
     assert set(m.layers) <= set(layers) and all(v["FP16"] > 0 and "W8A8" in v for v in layers.values())
-    assert table["fixed_ms"] > 0
+    assert table["fixed_ms"] > 0 and set(table["wall_ms"]) == {"FP16", "W8A8"}
+    # each precision's profiled times are scaled to wall time, so a uniform graph is predicted exactly
+    assert layers == {k: {f: ms * table["scale"][f] for f, ms in v.items()} for k, v in table["profiled"].items()}
+    assert predict_ms(table, {}) == pytest.approx(table["wall_ms"]["FP16"])
+    assert predict_ms(table, {k: "W8A8" for k in layers}) == pytest.approx(table["wall_ms"]["W8A8"])
     quantizable = tiny.quantizable_layers()
     rep = build_report("tiny", "t", ["W8A8"], quantizable, {x.name: {"W8A8": 1.0} for x in quantizable}, 1, 64, "cpu", 0.0)
     p = allocate.Problem(rep, ["W8A8"], cost="latency", latency_table=layers)
@@ -226,8 +230,8 @@ def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches
     chosen = allocate.budget(priced, 3.3)
     assign = {n: chosen.layers.get(n, allocate.FP16) for n in names}
     assert set(chosen.layers) != {names[0], names[2]} and priced.total(assign)[1] <= 3.3 + 1e-9
-    full = {"layers": table, "fixed_ms": 1.0, "edges": chain, "switch_ms": {"W8A8": 0.2}, "wall_scale": 2.0}
-    assert predict_ms(full, {names[0]: "W8A8", names[2]: "W8A8"}) == pytest.approx((3.0 + 1.0 + 3 * 0.2) * 2.0)
+    full = {"layers": table, "fixed_ms": 1.0, "edges": chain, "switch_ms": {"W8A8": 0.2}}
+    assert predict_ms(full, {names[0]: "W8A8", names[2]: "W8A8"}) == pytest.approx(3.0 + 1.0 + 3 * 0.2)
 
 
 def test_qdq_rules_hold_for_lowbit_exports_and_catch_broken_graphs(tmp_path, tiny, tiny_batches):

@@ -112,12 +112,18 @@ def test_cli_finetune_writes_a_checkpoint_and_before_after(tmp_path, small, batc
     assert m.origin["finetune"]["mode"] == "distill" and m.imgsz == IMGSZ
 
 
-def test_adaround_learns_rounding_only_and_leaves_weights_on_modelopt_grid(small, batches, w4):
+@pytest.mark.parametrize("cfg", [FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest"),
+                                 FinetuneConfig(mode="adaround-global", epochs=3, round_lr=1e-2, round_start="nearest",
+                                                scale_jitter=0.2)],
+                         ids=["block-wise", "global"])
+def test_adaround_learns_rounding_only_and_leaves_weights_on_modelopt_grid(small, batches, w4, cfg):
     manifest, base = w4
     net = copy.deepcopy(base)
     before = _distance(net, small.net, batches)
-    res = finetune(net, small.net, batches, FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest"), progress=False)
-    assert res.steps > 0
+    biases = {n: p.clone() for n, p in net.named_parameters() if n.endswith("bias")}
+    res = finetune(net, small.net, batches, cfg, progress=False)
+    assert res.steps > 0 and res.mode == cfg.mode
+    assert all(torch.equal(p, biases[n]) for n, p in net.named_parameters() if n in biases)  # round_bias is off
     assert _distance(net, small.net, batches) < before
     verify(net, manifest.layers)
     teacher = dict(small.net.named_modules())
@@ -153,6 +159,44 @@ def test_adaround_without_steps_starts_where_it_says(small, batches, w4):
         assert torch.equal(net(x)[0], tuned)
 
 
-def test_adaround_refuses_learned_scales(small, batches, w4):
-    with pytest.raises(LowbitError, match="adaround"):
-        finetune(copy.deepcopy(w4[1]), small.net, batches, FinetuneConfig(mode="adaround", learn_scales=True), progress=False)
+@pytest.mark.parametrize("mode", ["adaround", "adaround-global"])
+def test_adaround_with_round_bias_moves_biases_and_keeps_weights_on_grid(small, batches, w4, mode):
+    manifest, base = w4
+    net = copy.deepcopy(base)
+    biases = {n: p.clone() for n, p in net.named_parameters() if n.endswith("bias")}
+    cfg = FinetuneConfig(mode=mode, block_steps=8, epochs=1, round_lr=1e-2, lr=1e-3, round_bias=True)
+    finetune(net, small.net, batches, cfg, progress=False)
+    moved = [n for n, p in net.named_parameters() if n in biases and not torch.equal(p, biases[n])]
+    assert moved and not any(".dfl." in n for n in moved)  # the DFL decoder stays fixed
+    verify(net, manifest.layers)
+    for name, mod in net.named_modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if wq is not None and wq.is_enabled and isinstance(wq.num_bits, int):
+            with torch.no_grad():
+                assert torch.equal(wq(mod.weight), mod.weight), f"{name}: weight off ModelOpt's grid"
+
+
+@pytest.mark.parametrize("mode", ["adaround", "adaround-global"])
+def test_adaround_learned_steps_land_in_modelopt_quantizers(small, batches, w4, mode):
+    manifest, base = w4
+    net = copy.deepcopy(base)
+    amax = {n: m.weight_quantizer.amax.clone() for n, m in net.named_modules()
+            if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled}
+    before = _distance(net, small.net, batches)
+    finetune(net, small.net, batches, FinetuneConfig(mode=mode, block_steps=16, epochs=2, round_lr=1e-2, lr=1e-2,
+                                                     learn_scales=True), progress=False)
+    assert _distance(net, small.net, batches) < before
+    verify(net, manifest.layers)
+    changed = 0
+    for name, mod in net.named_modules():
+        if name in amax:
+            wq = mod.weight_quantizer
+            changed += not torch.equal(wq.amax, amax[name])
+            with torch.no_grad():  # the rounded integers times the learned step: exactly ModelOpt's grid
+                assert torch.allclose(wq(mod.weight), mod.weight, rtol=0, atol=1e-6 * float(wq.amax.max())), name
+    assert changed > len(amax) // 2
+
+
+def test_global_adaround_needs_integer_weights(small, batches):
+    with pytest.raises(LowbitError, match="no calibrated integer weight quantizer"):
+        finetune(copy.deepcopy(small.net), small.net, batches, FinetuneConfig(mode="adaround-global"), progress=False)

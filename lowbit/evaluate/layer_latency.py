@@ -4,7 +4,8 @@ OpenVINO's CPU profiler times every executed node; each Conv is mapped back to i
 its weight input (`<layer>.weight` in a float export, `<layer>.weight_dq` behind lowbit's Q/DQ). The table
 holds, per layer, the milliseconds of that conv in each graph given: the float graph under the key
 "FP16" (the search's name for "left in float"; it runs f32 on a CPU without BF16) and one Q/DQ graph per
-format. Everything that is not a conv is the graph's fixed remainder, measured once from the float graph.
+format, scaled to wall-clock time per precision (see `latency_table`). Everything that is not a conv is the
+graph's fixed remainder, measured once from the float graph.
 
 A per-layer table, profiled on two uniform graphs, cannot see what a mixed scheme pays where neighbouring
 convs run in different precisions (a runtime may convert layouts and types there). So the table also holds
@@ -139,37 +140,55 @@ def openvino_conv_times(path: str | Path, threads: int | None = None, reps: int 
 
 def latency_table(float_onnx: str | Path, quantized: dict[str, str | Path], threads: int | None = None,
                   reps: int = 20, probe_switches: bool = True) -> dict:
-    """{"layers": {layer: {"FP16": ms, fmt: ms, ...}}, "fixed_ms": non-conv time of the float graph,
-    "edges": conv-to-conv edges, "switch_ms": {fmt: ms per precision switch}, "wall_scale": float graph's
-    wall time over its profiled total}.
+    """{"layers": {layer: {"FP16": ms, fmt: ms, ...}}, "fixed_ms": non-conv time, "edges": conv-to-conv edges,
+    "switch_ms": {fmt: ms per precision switch}, "wall_ms": {precision: wall ms of its uniform graph},
+    "profiled": the profiler's own per-layer times, "profiled_fixed_ms"}.
 
-    A layer a runtime fused away in some graph (no conv of its own there) costs 0 in that graph."""
+    Times are wall-clock milliseconds: profiling adds time, and not in the same proportion to every graph
+    (on the AMX Xeon the INT8 graph's wall time was 1.2x its profiled total when the float graph's was 1.0x),
+    so one scale for all precisions mis-predicted mixed schemes by up to 18%. Each precision's profiled conv
+    times are scaled so the uniform graphs' sums equal their wall times, measured interleaved right after
+    profiling: the float graph sets the scale of the non-conv remainder, and each quantized graph's extra
+    non-conv work (its Q/DQ) is charged to its convs. A prediction is then exact for every uniform graph
+    and interpolates conv by conv in between. A layer a runtime fused away in some graph (no conv of its
+    own there) costs 0 in that graph."""
     import tempfile
 
-    from lowbit.evaluate.bench import _time_openvino
+    from lowbit.evaluate.bench import compare_openvino
 
     base, fixed = openvino_conv_times(float_onnx, threads, reps)
-    table = {layer: {"FP16": ms} for layer, ms in base.items()}
+    profiled = {layer: {"FP16": ms} for layer, ms in base.items()}
     for fmt, path in quantized.items():
         times, _ = openvino_conv_times(path, threads, reps)
-        for layer in table:
-            table[layer][fmt] = times.get(layer, 0.0)
+        for layer in profiled:
+            profiled[layer][fmt] = times.get(layer, 0.0)
+    timed = compare_openvino({"FP16": (float_onnx, None), **{f: (p, None) for f, p in quantized.items()}}, threads,
+                             reps=max(reps, 10))
+    wall = {f: r.median_ms for f, r in timed.items()}
+    if any(w is None for w in wall.values()):
+        raise LowbitError(f"{float_onnx}: OpenVINO could not time " + ", ".join(f"{f} ({timed[f].note})" for f, w in wall.items() if w is None))
+    conv = {f: sum(v[f] for v in profiled.values()) for f in wall}
+    scale = {"FP16": wall["FP16"] / (conv["FP16"] + fixed)}
+    fixed_wall = fixed * scale["FP16"]
+    for f in quantized:
+        # a graph faster than the float graph's remainder alone cannot be split this way: keep the float scale
+        scale[f] = (wall[f] - fixed_wall) / conv[f] if conv[f] > 0 and wall[f] > fixed_wall else scale["FP16"]
+    table = {layer: {f: ms * scale[f] for f, ms in v.items()} for layer, v in profiled.items()}
     edges = conv_edges(float_onnx)
-    wall = _time_openvino(Path(float_onnx), threads, 3, reps).median_ms
-    out = {"runtime": "openvino-cpu", "threads": threads, "fixed_ms": fixed, "layers": table, "edges": edges,
-           "switch_ms": {}, "wall_scale": wall / (sum(v["FP16"] for v in table.values()) + fixed)}
+    out = {"runtime": "openvino-cpu", "threads": threads, "fixed_ms": fixed_wall, "layers": table, "edges": edges,
+           "switch_ms": {}, "wall_ms": wall, "scale": scale, "profiled": profiled, "profiled_fixed_ms": fixed}
     if probe_switches:
         order = list(_layer_of_node(Path(float_onnx)).values())  # convs in graph order
         for fmt, path in quantized.items():
-            keep = {layer for i, layer in enumerate(order) if i % 2 == 0 and table.get(layer, {}).get(fmt)}
+            keep = {layer for i, layer in enumerate(order) if i % 2 == 0 and profiled.get(layer, {}).get(fmt)}
             n = switches(edges, keep)
             if not n:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 probe = mix_qdq_graph(float_onnx, path, keep, Path(tmp) / "probe.onnx")
                 times, rest = openvino_conv_times(probe, threads, reps)
-            expected = sum(table[x][fmt if x in keep else "FP16"] for x in table) + fixed
-            out["switch_ms"][fmt] = max(0.0, (sum(times.values()) + rest - expected) / n)
+            expected = sum(profiled[x][fmt if x in keep else "FP16"] for x in profiled) + fixed
+            out["switch_ms"][fmt] = max(0.0, (sum(times.values()) + rest - expected) / n) * scale["FP16"]
     return out
 
 
@@ -177,7 +196,7 @@ def predict_ms(table: dict, assign: dict[str, str]) -> float:
     """Wall-clock latency of a scheme ({layer: format name}; a layer not named stays float), from the table:
     each conv at its format, the fixed remainder, and every precision switch at the probed price."""
     layers = table["layers"]
-    profiled = sum(v.get(assign.get(layer, "FP16"), v["FP16"]) for layer, v in layers.items()) + table["fixed_ms"]
-    for fmt, ms in table.get("switch_ms", {}).items():
-        profiled += ms * switches(table.get("edges", []), {layer for layer, f in assign.items() if f == fmt})
-    return profiled * table.get("wall_scale", 1.0)
+    ms = sum(v.get(assign.get(layer, "FP16"), v["FP16"]) for layer, v in layers.items()) + table["fixed_ms"]
+    for fmt, price in table.get("switch_ms", {}).items():
+        ms += price * switches(table.get("edges", []), {layer for layer, f in assign.items() if f == fmt})
+    return ms

@@ -36,7 +36,8 @@ class AdaRoundWeight(torch.nn.Module):
     round-to-nearest; a GPTQ-rounded weight gives GPTQ's choices). Each weight may then end on either side
     of its float value: the grid point `start` rounds to, or its neighbour towards the float weight."""
 
-    def __init__(self, float_weight: torch.Tensor, amax: torch.Tensor, bits: int, start: torch.Tensor | None = None):
+    def __init__(self, float_weight: torch.Tensor, amax: torch.Tensor, bits: int, start: torch.Tensor | None = None,
+                 learn_step: bool = False):
         super().__init__()
         self.qmax = 2 ** (bits - 1) - 1
         # a tensor numerator, as ModelOpt writes it (see _LsqWeight), so the grid is ModelOpt's
@@ -54,6 +55,9 @@ class AdaRoundWeight(torch.nn.Module):
         rest = x - self.floor
         rest = torch.where(n > self.floor, rest.clamp(0.5 + m, 1 - 1e-4), rest.clamp(1e-4, 0.5 - m))
         self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        # the integers stay on the grid chosen above; with learn_step their common step (per channel) learns
+        # too, as a relative change, so a channel whose range was clipped too far or too little can recover
+        self.log_step = torch.nn.Parameter(torch.zeros_like(scale)) if learn_step else None
         self.hard = False
 
     def h(self) -> torch.Tensor:
@@ -61,7 +65,8 @@ class AdaRoundWeight(torch.nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         up = (self.v >= 0).float() if self.hard else self.h()
-        return (torch.clamp(self.floor + up, -self.qmax - 1, self.qmax) / self.scale).to(w.dtype)
+        q = torch.clamp(self.floor + up, -self.qmax - 1, self.qmax) / self.scale
+        return (q if self.log_step is None else q * self.log_step.exp()).to(w.dtype)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """Sum over weights of 1 - |2h - 1|^beta: 0 once every h is 0 or 1."""
@@ -71,9 +76,11 @@ class AdaRoundWeight(torch.nn.Module):
 class AdaRoundBlock:
     """AdaRound twins for the integer-weight quantizers of one block, around `teacher_block`'s float
     weights. start="current" begins at the student's present rounding (GPTQ's, by default), "nearest" at
-    round-to-nearest of the float weights, as in the paper."""
+    round-to-nearest of the float weights, as in the paper. With learn_step, each quantizer's step (amax)
+    learns as well and is written back into ModelOpt's quantizer."""
 
-    def __init__(self, block: torch.nn.Module, teacher_block: torch.nn.Module, start: str = "current"):
+    def __init__(self, block: torch.nn.Module, teacher_block: torch.nn.Module, start: str = "current",
+                 learn_step: bool = False):
         teacher = dict(teacher_block.named_modules())
         self.twins = []
         for name, mod, wq in integer_weight_quantizers(block):
@@ -81,12 +88,15 @@ class AdaRoundBlock:
                 continue
             amax = wq.amax.reshape(-1, *[1] * (mod.weight.dim() - 1)) if wq.amax.numel() > 1 else wq.amax
             twin = AdaRoundWeight(teacher[name].weight.to(mod.weight.device), amax.to(mod.weight.device), wq.num_bits,
-                                  mod.weight if start == "current" else None)
+                                  mod.weight if start == "current" else None, learn_step)
             mod._modules["weight_quantizer"] = twin
             self.twins.append((mod, wq, twin))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [twin.v for *_, twin in self.twins]
+
+    def step_parameters(self) -> list[torch.nn.Parameter]:
+        return [twin.log_step for *_, twin in self.twins if twin.log_step is not None]
 
     def regularizer(self, beta: float) -> torch.Tensor:
         n = sum(twin.v.numel() for *_, twin in self.twins)
@@ -98,4 +108,6 @@ class AdaRoundBlock:
             for mod, wq, twin in self.twins:
                 twin.hard = True
                 mod.weight.data.copy_(twin(mod.weight))
+                if twin.log_step is not None:
+                    wq.amax = (wq.amax.float() * twin.log_step.exp().reshape(wq.amax.shape)).to(wq.amax.dtype)
                 mod._modules["weight_quantizer"] = wq

@@ -9,7 +9,12 @@ Two strategies, measured against each other in docs/results.md:
   top-level block learns to map the quantized prefix's output to the teacher's output of that block; the
   head block matches the head maps with the same loss as "distill". Weights and biases learn.
 - "adaround": the same block-wise reconstruction, but only the rounding direction of each integer weight
-  learns (lowbit.finetune.adaround), from the float weights; biases and FP8 weights stay.
+  learns (lowbit.finetune.adaround), from the float weights; FP8 weights stay, biases learn with
+  `round_bias`.
+- "adaround-global": AdaRound's variables of every integer weight at once, learned end to end through the
+  head loss, with "distill"'s augmentation: block-wise rounding sees only its block's output error, while
+  the deployed error is the head's; rounding-only learning keeps each weight within a grid step of its
+  float value, which end-to-end weight training on a few hundred images did not (it overfit).
 
 Why ours: ModelOpt's QAT is "train the quantized model with your own loop"; Ultralytics' trainer needs
 labels and trains in train mode, where YOLOv10 detaches the one-to-one head (the deployed one) from the
@@ -18,7 +23,8 @@ norm is folded at load, so no running statistics can drift.
 
 Scales: ModelOpt's integer fake quant passes no gradient to amax (its LSQ covers only static block
 scales), so `learn_scales` swaps each integer weight quantizer for a learned-step-size (LSQ) twin during
-training and writes the learned amax back into ModelOpt's quantizer at the end.
+training ("distill", "blocks"), or lets AdaRound's twin learn its step beside the rounding ("adaround*"),
+and writes the learned amax back into ModelOpt's quantizer at the end.
 """
 
 from __future__ import annotations
@@ -35,21 +41,24 @@ from lowbit.errors import LowbitError
 
 
 class FinetuneConfig(BaseModel):
-    mode: Literal["distill", "blocks", "adaround"] = "distill"
-    epochs: int = 8  # passes over the calibration images ("distill")
+    mode: Literal["distill", "blocks", "adaround", "adaround-global"] = "distill"
+    epochs: int = 8  # passes over the calibration images ("distill", "adaround-global")
     block_steps: int = 200  # optimizer steps per block ("blocks", "adaround")
     lr: float = 1e-5  # weights and biases ("distill", "blocks")
     round_lr: float = 1e-3  # AdaRound's rounding variables
     round_weight: float = 0.01  # AdaRound's push of each rounding to 0 or 1, against the block's relative error
     # AdaRound's first rounding: "current" = the checkpoint's own (GPTQ's, by default), "nearest" = the paper's
     round_start: Literal["current", "nearest"] = "current"
+    round_bias: bool = False  # "adaround", "adaround-global": biases learn too (at lr), for the mean shift rounding leaves
     batch: int = 8
-    learn_scales: bool = False  # LSQ on integer weight scales; activation scales stay as calibrated
+    # integer weight scales learn: LSQ ("distill", "blocks"), or the step of AdaRound's fixed integers ("adaround*");
+    # activation scales stay as calibrated
+    learn_scales: bool = False
     feature_weight: float = 0.0  # normalized MSE on the neck features the head reads
     label_weight: float = 0.0  # Ultralytics' detection loss on labels, when the images have them
     # Label-free augmentation: the teacher sees the same altered image, so any change of the input is a new
     # training example. 160 images overfit within a few hundred steps without it.
-    flip: bool = True  # horizontal flips ("distill")
+    flip: bool = True  # horizontal flips ("distill", "adaround-global")
     flip_copies: bool = False  # "blocks", "adaround": reconstruct on a flipped copy of every image too
     scale_jitter: float = 0.0  # zoom by a factor in [1 - j, 1 + j], randomly placed, gray (114) padding
     color_jitter: float = 0.0  # brightness and contrast by a factor in [1 - j, 1 + j]
@@ -153,14 +162,14 @@ class _LearnedScales:
             mod._modules["weight_quantizer"] = wq
 
 
-def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+def _trainable(module: torch.nn.Module, biases_only: bool = False) -> list[torch.nn.Parameter]:
     """Conv/linear weights and biases; the DFL conv is a fixed decoder and never learns."""
     from lowbit.models.ultralytics import ALWAYS_FLOAT_SUFFIXES
 
     out = []
     for name, mod in module.named_modules():
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not f".{name}".endswith(ALWAYS_FLOAT_SUFFIXES):
-            out += [p for p in (mod.weight, mod.bias) if p is not None]
+            out += [p for p in ((mod.bias,) if biases_only else (mod.weight, mod.bias)) if p is not None]
     return out
 
 
@@ -179,10 +188,8 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
     teacher.to(dev).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if cfg.mode == "adaround" and cfg.learn_scales:
-        raise LowbitError("adaround learns rounding on fixed scales: learn_scales works with distill or blocks")
     t0 = time.perf_counter()
-    run = _distill if cfg.mode == "distill" else _blocks
+    run = {"distill": _distill, "blocks": _blocks, "adaround": _blocks, "adaround-global": _global_rounding}[cfg.mode]
     steps, first, last = run(student, teacher, batches, cfg, dev, progress)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -221,14 +228,7 @@ def _distill(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> t
     try:
         for step in track(range(steps), f"distill ({cfg.epochs} epochs)", enabled=progress):
             b = batches[step % len(batches)]
-            x = b.images.to(dev)
-            flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
-            if flip:
-                x = x.flip(-1)
-            if cfg.scale_jitter or cfg.color_jitter:
-                if criterion is not None:
-                    raise LowbitError("label_weight > 0 allows flips only (zoom would move the labelled boxes)")
-                x = _jitter(x, cfg.scale_jitter, cfg.color_jitter, gen)
+            x, flip = _augment(b.images.to(dev), cfg, gen, labels=criterion is not None)
             with torch.no_grad():
                 t = _head(teacher(x))
             loss = head_loss(_head(out := student(x)), t, reg_max, cfg.feature_weight)
@@ -247,6 +247,66 @@ def _distill(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> t
         if scales:
             scales.finish()
     return steps, _mean_head(losses), _mean_tail(losses)
+
+
+def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tuple[int, float, float]:
+    """AdaRound end to end: every integer weight's rounding variables (and biases, with `round_bias`) learn
+    the head loss on augmented images; the push of each rounding to up or down starts after the first 20%
+    of the steps and sharpens as in the block-wise version, then every weight is hard-rounded."""
+    from lowbit.finetune.adaround import AdaRoundBlock
+    from lowbit.progress import track
+
+    rounding = AdaRoundBlock(student, teacher, cfg.round_start, cfg.learn_scales)
+    if not rounding.twins:
+        rounding.finish()
+        raise LowbitError("adaround-global: the model has no calibrated integer weight quantizer to round")
+    groups = [{"params": rounding.parameters(), "lr": cfg.round_lr}]
+    if cfg.round_bias:
+        groups.append({"params": _trainable(student, biases_only=True), "lr": cfg.lr})
+    if cfg.learn_scales:
+        groups.append({"params": rounding.step_parameters(), "lr": cfg.lr})
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    steps = cfg.epochs * len(batches)
+    sched = _schedule(opt, steps)
+    warm = steps // 5
+    reg_max = teacher.model[-1].reg_max
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    try:
+        for step in track(range(steps), f"global rounding ({cfg.epochs} epochs)", enabled=progress):
+            x, _ = _augment(batches[step % len(batches)].images.to(dev), cfg, gen, labels=False)
+            with torch.no_grad():
+                t = _head(teacher(x))
+            loss = head_loss(_head(student(x)), t, reg_max, cfg.feature_weight)
+            losses.append(loss.item())
+            if step >= warm:
+                beta = 20 - 18 * (step - warm) / max(1, steps - warm)
+                loss = loss + cfg.round_weight * rounding.regularizer(beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        rounding.finish()
+    return steps, _mean_head(losses), _mean_tail(losses)
+
+
+def _augment(x: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator, labels: bool) -> tuple[torch.Tensor, bool]:
+    """(augmented batch, whether it was flipped). The teacher sees the same image, so no label is needed;
+    with labels only flips are allowed, since they are the only change whose boxes are moved here."""
+    flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
+    if flip:
+        x = x.flip(-1)
+    if cfg.scale_jitter or cfg.color_jitter:
+        if labels:
+            raise LowbitError("label_weight > 0 allows flips only (zoom would move the labelled boxes)")
+        x = _jitter(x, cfg.scale_jitter, cfg.color_jitter, gen)
+    return x, flip
 
 
 def _jitter(x: torch.Tensor, scale: float, color: float, gen: torch.Generator) -> torch.Tensor:
@@ -310,7 +370,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     ys_s: list[list] = [[] for _ in batches]
     ys_t: list[list] = [[] for _ in batches]
     reg_max = teacher.model[-1].reg_max
-    scales = _LearnedScales(student) if cfg.learn_scales else None
+    scales = _LearnedScales(student) if cfg.learn_scales and cfg.mode == "blocks" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     total, first, last = 0, [], []
     try:
@@ -319,15 +379,22 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
             with torch.no_grad():
                 ins = [_route(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
                 targets = [mt(_route(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
-            rounding = AdaRoundBlock(ms, mt, cfg.round_start) if cfg.mode == "adaround" else None
+            rounding = AdaRoundBlock(ms, mt, cfg.round_start, cfg.learn_scales) if cfg.mode == "adaround" else None
             params = rounding.parameters() if rounding else _trainable(ms)
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
                            if name.startswith(f"model.{k}.")] if scales else []
             if any(_is_quantized(m) for m in ms.modules()) and params:
+                groups = [{"params": params, "lr": cfg.round_lr if rounding else cfg.lr}]
+                if rounding and cfg.round_bias:
+                    groups.append({"params": _trainable(ms, biases_only=True), "lr": cfg.lr})
+                if rounding and cfg.learn_scales:
+                    groups.append({"params": rounding.step_parameters(), "lr": cfg.lr})
+                if step_params:
+                    groups.append({"params": step_params, "lr": cfg.lr})
+                params = [p for g in groups for p in g["params"]]
                 for p in params:
                     p.requires_grad_(True)
-                opt = torch.optim.Adam([{"params": params}] + ([{"params": step_params}] if step_params else []),
-                                       lr=cfg.round_lr if rounding else cfg.lr)
+                opt = torch.optim.Adam(groups)
                 sched = _schedule(opt, cfg.block_steps)
                 warm = cfg.block_steps // 5
                 losses = []
