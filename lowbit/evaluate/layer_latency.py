@@ -163,7 +163,7 @@ def latency_table(float_onnx: str | Path, quantized: dict[str, str | Path], thre
         for layer in profiled:
             profiled[layer][fmt] = times.get(layer, 0.0)
     timed = compare_openvino({"FP16": (float_onnx, None), **{f: (p, None) for f, p in quantized.items()}}, threads,
-                             reps=max(reps, 10))
+                             warmup=max(reps // 2, 5), reps=max(reps, 10))
     wall = {f: r.median_ms for f, r in timed.items()}
     if any(w is None for w in wall.values()):
         raise LowbitError(f"{float_onnx}: OpenVINO could not time " + ", ".join(f"{f} ({timed[f].note})" for f, w in wall.items() if w is None))
