@@ -226,6 +226,13 @@ def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, 
     searched = [allocate.budget(p, b) for b in s.budgets]
     searched += [allocate.top_k(p, k, s.topk_low, s.topk_high) for k in s.topk]
     searched += allocate.pareto(p, s.pareto_points) if s.pareto_points else []
+    if table:  # what the table expects, for the report to set beside the measured latency
+        from lowbit.evaluate.layer_latency import predict_ms
+
+        for m in searched:
+            m.origin.update(predicted_ms=predict_ms(table, {n: f.name for n, f in m.layers.items()}),
+                            predicted_float_ms=predict_ms(table, {}), latency_runtime=table.get("runtime"),
+                            latency_threads=table.get("threads"))
     out = list(searched)
     # random baselines match a budget scheme's INT4 share, which a latency budget does not set
     for m in [m for m in searched if m.origin["kind"] == "budget" and s.cost != "latency"]:
@@ -362,7 +369,9 @@ def _speed_stage(cfg: StudyConfig, det, results, batches, run, progress) -> dict
             path.unlink()  # the timing is the product; the recommended scheme's ONNX is kept elsewhere
             st.finish()
             timed += 1
-        rows.append({"scheme": m.name, "map50_95": res.result.map50_95, "bench": read_json(st.path / "bench.json")})
+        rows.append({"scheme": m.name, "map50_95": res.result.map50_95, "bench": read_json(st.path / "bench.json"),
+                     **{k: m.origin[k] for k in ("predicted_ms", "predicted_float_ms", "latency_runtime", "latency_threads")
+                        if k in m.origin}})
     out = {"runtimes": present, "threads": cfg.speed_threads, "rows": rows, "timed": timed, "cached": cached}
     append_speed_section(run.path, out, cfg.max_drop_points)
     return out

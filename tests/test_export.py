@@ -179,6 +179,21 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     spec = SearchSpec(method="t", formats=["W8A8"], cost="latency", latency_table=str(tmp_path / "t.json"), budgets=[limit])
     got = _search(cfg, spec, {"t": rep}, tiny, None, tmp_path, None, None)
     assert [g.layers for g in got] == [chosen.layers]  # and no random baselines, which match INT4 shares
+    assert got[0].origin["predicted_ms"] == pytest.approx(predict_ms(table, {n: f.name for n, f in chosen.layers.items()}))
+    assert got[0].origin["predicted_float_ms"] == pytest.approx(table["wall_ms"]["FP16"])
+
+    # the study report sets the prediction beside the measurement on the table's runtime
+    from lowbit.report.study_report import append_speed_section
+
+    (tmp_path / "study-report.md").write_text("# r\n")
+    rt = table["runtime"]
+    speed = {"runtimes": [rt], "threads": 1, "rows": [
+        {"scheme": "FP32", "map50_95": 0.4, "bench": [{"runtime": rt, "median_ms": 30.0}]},
+        {"scheme": "lat", "map50_95": 0.39, "bench": [{"runtime": rt, "median_ms": 25.0}],
+         "predicted_ms": 20.0, "predicted_float_ms": 32.0, "latency_runtime": rt, "latency_threads": 1}]}
+    append_speed_section(tmp_path, speed)
+    row = [ln for ln in (tmp_path / "study-report.md").read_text().splitlines() if ln.startswith("| lat | openvino")]
+    assert row == [f"| lat | {rt} | 20.0 ms | 25.0 ms | -20.0% | 1.60x | 1.20x | +33.3% |"]
     with pytest.raises(LowbitError, match="search.latency_table .*missing.json: file not found"):
         _search(cfg, spec.model_copy(update={"latency_table": str(tmp_path / "missing.json")}), {"t": rep}, tiny, None,
                 tmp_path, None, None)

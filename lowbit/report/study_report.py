@@ -212,5 +212,34 @@ def append_speed_section(folder: Path, speed: dict, max_drop_points: list[float]
                 lines.append(f"- Within {drop:g} point(s) of FP32, fastest on {rt}: **{row['scheme']}** "
                              f"({_ms(ms)}, {_times(base.get(rt) / ms if base.get(rt) else None)} FP32, "
                              f"mAP50-95 {row['map50_95']:.4f})")
+    lines += _predicted_vs_measured(speed, base)
     lines.append("")
     atomic_write_text(folder / "study-report.md", (folder / "study-report.md").read_text() + "\n".join(lines))
+
+
+def _predicted_vs_measured(speed: dict, base: dict) -> list[str]:
+    """Schemes chosen against a per-layer latency table: the table's prediction beside the measurement on
+    the table's runtime. The speed-up is compared too: it holds where the machine's overall speed drifts
+    between building the table and timing (docs/results.md, section 6)."""
+    rows = [r for r in speed["rows"] if r.get("predicted_ms")]
+    if not rows:
+        return []
+    out = ["", "Latency-budget schemes: the per-layer table's prediction against the measurement on its runtime "
+           f"(table threads: {rows[0].get('latency_threads') or 'runtime default'}, timing threads: "
+           f"{speed['threads'] or 'runtime default'}).", "",
+           "| scheme | runtime | predicted | measured | error | speed-up predicted | speed-up measured | error |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rt = r.get("latency_runtime")
+        b = next((b for b in r["bench"] if b["runtime"] == rt), None)
+        ms = b.get("median_ms") if b else None
+        p_up = r["predicted_float_ms"] / r["predicted_ms"]
+        m_up = base.get(rt) / ms if ms and base.get(rt) else None
+        out.append(f"| {r['scheme']} | {rt} | {_ms(r['predicted_ms'])} | {_ms(ms) if ms else 'not timed'} | "
+                   f"{_pct(r['predicted_ms'] / ms - 1) if ms else '-'} | {_times(p_up)} | {_times(m_up)} | "
+                   f"{_pct(p_up / m_up - 1) if m_up else '-'} |")
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
