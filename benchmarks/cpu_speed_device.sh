@@ -7,6 +7,7 @@
 #   bash benchmarks/cpu_speed_device.sh schemes   # the latency-budget schemes only
 #   bash benchmarks/cpu_speed_device.sh yolov10m  # YOLOv10m's latency-budget schemes only
 #   bash benchmarks/cpu_speed_device.sh yolov10n  # YOLOv10n's latency-budget schemes only
+#   bash benchmarks/cpu_speed_device.sh interleave  # YOLOv10n timed interleaved with 1 and with 5 other graphs
 set -uo pipefail
 mode=${1:-uniform}
 source benchmarks/device_setup.sh
@@ -16,6 +17,11 @@ lscpu | grep -E '^(Model name|Thread|Core|Socket|L2|L3)'
 cores=$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -2 | cut -d, -f1 | paste -sd,)
 echo "timing on CPUs $cores"
 quiet() { grep --line-buffered -v -i -E "warn|it/s\]"; }
+if [ "$mode" = interleave ]; then
+  python3 benchmarks/cpu_speed.py --export-only --models yolov10n 2>&1 | quiet
+  taskset -c "$cores" python3 benchmarks/interleave_check.py --out "$OUT/interleave-check-xeon.json" 2>&1 | quiet
+  exit
+fi
 if [ "$mode" != yolov10n ]; then
   # YOLOv10m from yaml has no trained weights: its sensitivity (label-free distortion) only makes the search
   # run end to end on that structure; its speed, not its accuracy, is what is measured
