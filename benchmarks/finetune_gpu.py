@@ -104,7 +104,7 @@ def main():
         prior = m.origin.get("finetune", {})
         before = dev_map(base)
         print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {before:.4f}", flush=True)
-        best = (before, "none", base)
+        best = (before, "none")
         done = {}  # chain -> (its network, its stages' results), so "a>b" reuses a's run
         for name in a.variants.split(","):
             parts = name.split(">")
@@ -128,12 +128,12 @@ def main():
             print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.first_loss:.4g} -> {res.last_loss:.4g}, "
                   f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
             if after > best[0]:
-                best = (after, name, net)
+                best = (after, name)
                 # saved at once, so a run cut off by the device's time limit still returns its best so far
                 kept = m.model_copy(update={"origin": {**m.origin, "finetune": {
-                    "variant": ">".join(filter(None, [prior.get("variant"), name])),
+                    "variant": rec["variant"],
                     "stages": prior.get("stages", []) + [VARIANTS[v].model_dump() for v in parts]}}})
-                save_quantized(copy.deepcopy(net).cpu(), kept, f"{a.out}/{m.name.replace('.', '_')}")
+                save_quantized(net.cpu(), kept, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
 
 

@@ -102,6 +102,12 @@ class AdaRoundBlock:
         n = sum(twin.v.numel() for *_, twin in self.twins)
         return sum(twin.regularizer(beta) for *_, twin in self.twins) / max(n, 1)
 
+    def penalty(self, step: int, steps: int) -> torch.Tensor | float:
+        """The regularizer at `step` of `steps`: none for the first 20%, so the rounding first fits freely,
+        then beta annealed 20 -> 2 (the paper's schedule) to sharpen every rounding to up or down."""
+        warm = steps // 5
+        return 0.0 if step < warm else self.regularizer(20 - 18 * (step - warm) / max(1, steps - warm))
+
     def finish(self) -> None:
         """Hard rounding written into the weights; ModelOpt's quantizers back in place."""
         with torch.no_grad():

@@ -258,20 +258,14 @@ def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progre
 
     rounding = AdaRoundBlock(student, teacher, cfg.round_start, cfg.learn_scales)
     if not rounding.twins:
-        rounding.finish()
         raise LowbitError("adaround-global: the model has no calibrated integer weight quantizer to round")
-    groups = [{"params": rounding.parameters(), "lr": cfg.round_lr}]
-    if cfg.round_bias:
-        groups.append({"params": _trainable(student, biases_only=True), "lr": cfg.lr})
-    if cfg.learn_scales:
-        groups.append({"params": rounding.step_parameters(), "lr": cfg.lr})
+    groups = _rounding_groups(rounding, student, cfg)
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     steps = cfg.epochs * len(batches)
     sched = _schedule(opt, steps)
-    warm = steps // 5
     reg_max = teacher.model[-1].reg_max
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
@@ -282,9 +276,7 @@ def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progre
                 t = _head(teacher(x))
             loss = head_loss(_head(student(x)), t, reg_max, cfg.feature_weight)
             losses.append(loss.item())
-            if step >= warm:
-                beta = 20 - 18 * (step - warm) / max(1, steps - warm)
-                loss = loss + cfg.round_weight * rounding.regularizer(beta)
+            loss = loss + cfg.round_weight * rounding.penalty(step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -294,6 +286,17 @@ def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progre
             p.requires_grad_(False)
         rounding.finish()
     return steps, _mean_head(losses), _mean_tail(losses)
+
+
+def _rounding_groups(rounding, module: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """Optimizer groups of AdaRound's rounding variables and, as configured, the module's biases and the
+    twins' steps."""
+    groups = [{"params": rounding.parameters(), "lr": cfg.round_lr}]
+    if cfg.round_bias:
+        groups.append({"params": _trainable(module, biases_only=True), "lr": cfg.lr})
+    if cfg.learn_scales:
+        groups.append({"params": rounding.step_parameters(), "lr": cfg.lr})
+    return groups
 
 
 def _augment(x: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator, labels: bool) -> tuple[torch.Tensor, bool]:
@@ -384,11 +387,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
                            if name.startswith(f"model.{k}.")] if scales else []
             if any(_is_quantized(m) for m in ms.modules()) and params:
-                groups = [{"params": params, "lr": cfg.round_lr if rounding else cfg.lr}]
-                if rounding and cfg.round_bias:
-                    groups.append({"params": _trainable(ms, biases_only=True), "lr": cfg.lr})
-                if rounding and cfg.learn_scales:
-                    groups.append({"params": rounding.step_parameters(), "lr": cfg.lr})
+                groups = _rounding_groups(rounding, ms, cfg) if rounding else [{"params": params, "lr": cfg.lr}]
                 if step_params:
                     groups.append({"params": step_params, "lr": cfg.lr})
                 params = [p for g in groups for p in g["params"]]
@@ -396,7 +395,6 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                     p.requires_grad_(True)
                 opt = torch.optim.Adam(groups)
                 sched = _schedule(opt, cfg.block_steps)
-                warm = cfg.block_steps // 5
                 losses = []
                 for step in range(cfg.block_steps):
                     i = int(torch.randint(len(batches), (), generator=gen))
@@ -404,9 +402,8 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                     loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
                         else _nmse(out, targets[i])
                     losses.append(loss.item())
-                    if rounding and step >= warm:
-                        beta = 20 - 18 * (step - warm) / max(1, cfg.block_steps - warm)
-                        loss = loss + cfg.round_weight * rounding.regularizer(beta)
+                    if rounding:
+                        loss = loss + cfg.round_weight * rounding.penalty(step, cfg.block_steps)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
