@@ -63,6 +63,24 @@ VARIANTS = {
                                                     learn_scales=True, lr=1e-4),
     "adaround-1000-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                     learn_scales=True, lr=1e-3),
+    # 768 mosaics of the 256 training images beside them (1024 in all); distillation at a quarter of the epochs
+    # keeps its step count
+    "adaround-1000-lr1e-2-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                     mosaic=768),
+    "adaround-2000-lr1e-2-mosaic768": FinetuneConfig(mode="adaround", block_steps=2000, batch=16, round_lr=1e-2,
+                                                     mosaic=768),
+    "adaround-1000-lr1e-2-step1e-3-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
+                                                              round_lr=1e-2, learn_scales=True, lr=1e-3, mosaic=768),
+    "distill-e15-lr3e-5-aug-mosaic768": FinetuneConfig(epochs=15, lr=3e-5, batch=16, scale_jitter=0.4,
+                                                       color_jitter=0.3, mosaic=768),
+    # block errors weighted towards the teacher's detections (1 + fg x confidence inside each box)
+    "adaround-1000-lr1e-2-fg4": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                               fg_weight=4.0),
+    "adaround-1000-lr1e-2-fg16": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                fg_weight=16.0),
+    # the same recipe with other sampling orders: the run-to-run spread that any gain must exceed
+    "adaround-1000-lr1e-2-seed1": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=1),
+    "adaround-1000-lr1e-2-seed2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=2),
 }
 # "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top); a chain
 # whose first stages were already run for this scheme starts from their result instead of running them again
@@ -76,6 +94,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-train", type=int, default=None, help="fewer training images, for a smoke run")
+    ap.add_argument("--save-all", action="store_true",
+                    help="return every variant's checkpoint (<scheme>-<variant>), not only the best, e.g. for a seed study")
     ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
     a = ap.parse_args()
     dev = a.device
@@ -127,13 +147,14 @@ def main():
             log.flush()
             print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.first_loss:.4g} -> {res.last_loss:.4g}, "
                   f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
+            tuned = m.model_copy(update={"origin": {**m.origin, "finetune": {
+                "variant": rec["variant"], "stages": prior.get("stages", []) + [VARIANTS[v].model_dump() for v in parts]}}})
+            if a.save_all:
+                save_quantized(copy.deepcopy(net).cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}-{name.replace('>', '_')}")
             if after > best[0]:
                 best = (after, name)
                 # saved at once, so a run cut off by the device's time limit still returns its best so far
-                kept = m.model_copy(update={"origin": {**m.origin, "finetune": {
-                    "variant": rec["variant"],
-                    "stages": prior.get("stages", []) + [VARIANTS[v].model_dump() for v in parts]}}})
-                save_quantized(net.cpu(), kept, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
+                save_quantized(net.cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
 
 

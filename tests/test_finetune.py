@@ -51,8 +51,10 @@ def test_head_loss_is_zero_only_at_agreement(small, batches):
 @pytest.mark.parametrize("cfg", [FinetuneConfig(epochs=4, lr=1e-4, flip=False),
                                  FinetuneConfig(epochs=4, lr=1e-4, learn_scales=True),
                                  FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4),
-                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, flip_copies=True)],
-                         ids=["distill", "distill-lsq", "blocks", "blocks-flip-copies"])
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, flip_copies=True),
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, mosaic=8),
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, fg_weight=4.0, fg_conf=0.1)],
+                         ids=["distill", "distill-lsq", "blocks", "blocks-flip-copies", "blocks-mosaic", "blocks-fg"])
 def test_finetune_brings_the_quantized_model_closer_to_its_teacher(small, batches, w4, cfg):
     manifest, base = w4
     net = copy.deepcopy(base)
@@ -80,6 +82,57 @@ def test_zero_learning_rate_changes_nothing_and_the_result_restores(tmp_path, sm
     with torch.no_grad():
         assert torch.equal(restored(x)[0], net(x)[0])
         assert not torch.equal(restored(x)[0], ref)
+
+
+def test_mosaic_quadrants_are_crops_of_training_images():
+    from lowbit.data.loader import Batch
+    from lowbit.finetune.distill import mosaic_batches
+
+    colours = torch.linspace(0.1, 0.9, 6)
+    pool = [Batch(colours[s:s + 3, None, None, None].expand(3, 3, 64, 64).clone(), []) for s in (0, 3)]
+    out = mosaic_batches(pool, 10, 4, seed=1)
+    assert [b.images.shape[0] for b in out] == [4, 4, 2] and out[0].images.shape[1:] == (3, 64, 64)
+    used = set()
+    for img in torch.cat([b.images for b in out]):
+        for quad in (img[:, :32, :32], img[:, :32, 32:], img[:, 32:, :32], img[:, 32:, 32:]):
+            v = quad.flatten()
+            assert torch.allclose(v, v[0].expand_as(v)), "a quadrant mixes images"
+            k = int(torch.argmin((colours - v[0]).abs()))
+            assert abs(float(colours[k] - v[0])) < 1e-6
+            used.add(k)
+    assert len(used) == 6  # drawn from the whole pool, not one batch
+
+
+def test_foreground_weights_cover_the_teachers_detections(small, batches):
+    from lowbit.finetune.distill import _nmse, foreground_weights
+
+    pred = torch.zeros(1, 6, 3)  # three anchors: a confident box on the top-left quarter, two below threshold
+    pred[0, :4, 0] = torch.tensor([16.0, 16.0, 32.0, 32.0])
+    pred[0, 4, 0], pred[0, 5, 1], pred[0, 4, 2] = 0.8, 0.2, 0.1
+    pred[0, :4, 1:] = torch.tensor([48.0, 48.0, 32.0, 32.0])[:, None]
+    w = foreground_weights(pred, 64, conf=0.25, weight=5.0, res=8)
+    assert torch.allclose(w[0, 0, :4, :4], torch.tensor(5.0)) and torch.equal(w[0, 0, 4:, :], torch.ones(4, 8))
+    assert torch.equal(w[0, 0, :4, 4:], torch.ones(4, 4))
+    # an error inside the box costs more than the same error outside it
+    t = torch.ones(1, 2, 16, 16)
+    inside, outside = t.clone(), t.clone()
+    inside[..., 2, 2] += 1
+    outside[..., 12, 12] += 1
+    assert float(_nmse(inside, t, w)) > 2 * float(_nmse(outside, t, w))
+    with torch.no_grad():  # the real teacher finds objects in the calibration images
+        w = foreground_weights(small.net(batches[0].images)[0], IMGSZ, conf=0.1, weight=4.0)
+    assert float(w.max()) > 1.4 and float(w.min()) == 1.0
+    with pytest.raises(LowbitError, match="decoded"):
+        foreground_weights(torch.zeros(2, 300, 6)[..., :4].transpose(1, 2)[:, :3], IMGSZ, 0.25, 1.0)
+
+
+def test_mosaic_adds_training_steps_and_refuses_labels(small, batches, w4):
+    _, base = w4
+    net = copy.deepcopy(base)
+    res = finetune(net, small.net, batches, FinetuneConfig(epochs=1, lr=1e-5, mosaic=12, batch=8), progress=False)
+    assert res.steps == len(batches) + 2
+    with pytest.raises(LowbitError, match="mosaic images have no labels"):
+        finetune(net, small.net, batches, FinetuneConfig(mosaic=4, label_weight=1.0), progress=False)
 
 
 def test_run_finetune_refuses_to_train_on_evaluation_images(tmp_path, small, batches, w4, assets):

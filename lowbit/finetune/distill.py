@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from lowbit.data.loader import Batch
 from lowbit.errors import LowbitError
 
 
@@ -62,6 +63,14 @@ class FinetuneConfig(BaseModel):
     flip_copies: bool = False  # "blocks", "adaround": reconstruct on a flipped copy of every image too
     scale_jitter: float = 0.0  # zoom by a factor in [1 - j, 1 + j], randomly placed, gray (114) padding
     color_jitter: float = 0.0  # brightness and contrast by a factor in [1 - j, 1 + j]
+    # that many extra training images (every mode), each a 2x2 mosaic of four random training images at 0.5-1x
+    # their scale: the teacher labels them, so a few hundred photos give new scenes, not only altered copies
+    mosaic: int = 0
+    # "blocks", "adaround": each block's output error counts 1 + fg_weight times as much inside the teacher's
+    # detections (confidence >= fg_conf, weighted by it): plain MSE is dominated by background, while the
+    # detector's error is where the objects are (the foreground masks of detection distillation, e.g. FGD)
+    fg_weight: float = 0.0
+    fg_conf: float = 0.25
     seed: int = 0
 
 
@@ -103,8 +112,34 @@ def head_loss(s: dict, t: dict, reg_max: int, feature_weight: float = 0.0) -> to
     return loss
 
 
-def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return ((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+def _nmse(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized squared error; `w` ([B,1,h,w] spatial weights, any resolution) weights both sums alike."""
+    d, t = (s.float() - t.float()) ** 2, t.float() ** 2
+    if w is not None and t.dim() == 4:
+        w = F.adaptive_avg_pool2d(w, t.shape[-2:]) if w.shape[-1] >= t.shape[-1] else \
+            F.interpolate(w, size=t.shape[-2:], mode="nearest")
+        d, t = d * w, t * w
+    return d.sum() / t.sum().clamp_min(1e-12)
+
+
+def foreground_weights(pred: torch.Tensor, imgsz: int, conf: float, weight: float, res: int = 160) -> torch.Tensor:
+    """[B,1,res,res] weights, 1 + weight * (the highest confidence of a teacher detection covering each cell).
+    `pred` is the detector's decoded output, [B, 4 + classes, anchors], boxes as pixel xywh."""
+    if pred.dim() != 3 or pred.shape[1] < 5:
+        raise LowbitError(f"fg_weight needs the detector's decoded [batch, 4 + classes, anchors] output, got {tuple(pred.shape)}")
+    cells = (torch.arange(res, device=pred.device, dtype=torch.float32) + 0.5) * imgsz / res
+    out = torch.ones(pred.shape[0], 1, res, res, device=pred.device)
+    for i, p in enumerate(pred.float()):
+        c = p[4:].amax(0)
+        keep = c >= conf
+        if not keep.any():
+            continue
+        (x, y, w, h), c = p[:4, keep], c[keep]
+        inside_y = ((cells[None] >= (y - h / 2)[:, None]) & (cells[None] < (y + h / 2)[:, None])).float()  # [K, res]
+        inside_x = ((cells[None] >= (x - w / 2)[:, None]) & (cells[None] < (x + w / 2)[:, None])).float()
+        cover = (c[:, None, None] * inside_y[:, :, None] * inside_x[:, None, :]).amax(0)
+        out[i, 0] += weight * cover
+    return out
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -182,7 +217,11 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
     """Fine-tune `student` (a ModelOpt fake-quant network) in place against `teacher` (its float source)."""
     if not batches:
         raise LowbitError("fine-tuning needs calibration images (none were given)")
+    if cfg.mosaic and cfg.label_weight:
+        raise LowbitError("mosaic images have no labels: use mosaic or label_weight, not both")
     torch.manual_seed(cfg.seed)
+    if cfg.mosaic:
+        batches = list(batches) + mosaic_batches(batches, cfg.mosaic, cfg.batch, cfg.seed)
     dev = torch.device(device)
     student.to(dev).eval()
     teacher.to(dev).eval()
@@ -299,6 +338,27 @@ def _rounding_groups(rounding, module: torch.nn.Module, cfg: FinetuneConfig) -> 
     return groups
 
 
+def mosaic_batches(batches, n: int, batch_size: int, seed: int = 0) -> list[Batch]:
+    """`n` new images in batches of `batch_size`: each quadrant is a random square crop of a random training
+    image (side 0.5-1x the image's), resized to the quadrant, so objects keep 0.5-1x their size. (Ultralytics'
+    mosaic lives in its labelled training dataset; here no label is moved, so a few lines on tensors do.)"""
+    pool = torch.cat([b.images for b in batches])
+    size = pool.shape[-1]
+    half = size // 2
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, *pool.shape[1:], dtype=pool.dtype, device=pool.device)
+    for i in range(n):
+        for r in range(2):
+            for c in range(2):
+                src = pool[int(torch.randint(len(pool), (), generator=gen))]
+                side = int(torch.randint(half, size + 1, (), generator=gen))
+                y, x = (int(torch.randint(size - side + 1, (), generator=gen)) for _ in range(2))
+                crop = src[None, :, y:y + side, x:x + side]
+                out[i, :, r * half:(r + 1) * half, c * half:(c + 1) * half] = F.interpolate(
+                    crop, size=(half, half), mode="bilinear", align_corners=False)[0]
+    return [Batch(out[s:s + batch_size], []) for s in range(0, n, batch_size)]
+
+
 def _augment(x: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator, labels: bool) -> tuple[torch.Tensor, bool]:
     """(augmented batch, whether it was flipped). The teacher sees the same image, so no label is needed;
     with labels only flips are allowed, since they are the only change whose boxes are moved here."""
@@ -370,6 +430,10 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
         xs_s += [x.flip(-1) for x in xs_s]
         batches = list(batches) * 2
     xs_t = list(xs_s)
+    fg = None
+    if cfg.fg_weight:
+        with torch.no_grad():
+            fg = [foreground_weights(teacher(x)[0], x.shape[-1], cfg.fg_conf, cfg.fg_weight) for x in xs_t]
     ys_s: list[list] = [[] for _ in batches]
     ys_t: list[list] = [[] for _ in batches]
     reg_max = teacher.model[-1].reg_max
@@ -400,7 +464,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                     i = int(torch.randint(len(batches), (), generator=gen))
                     out = ms(ins[i])
                     loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
-                        else _nmse(out, targets[i])
+                        else _nmse(out, targets[i], fg[i] if fg else None)
                     losses.append(loss.item())
                     if rounding:
                         loss = loss + cfg.round_weight * rounding.penalty(step, cfg.block_steps)
