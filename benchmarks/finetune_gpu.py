@@ -73,11 +73,6 @@ VARIANTS = {
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3, mosaic=768),
     "distill-e15-lr3e-5-aug-mosaic768": FinetuneConfig(epochs=15, lr=3e-5, batch=16, scale_jitter=0.4,
                                                        color_jitter=0.3, mosaic=768),
-    # block errors weighted towards the teacher's detections (1 + fg x confidence inside each box)
-    "adaround-1000-lr1e-2-fg4": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                               fg_weight=4.0),
-    "adaround-1000-lr1e-2-fg16": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                                fg_weight=16.0),
     # the same recipe with other sampling orders: the run-to-run spread that any gain must exceed
     "adaround-1000-lr1e-2-seed1": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=1),
     "adaround-1000-lr1e-2-seed2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=2),

@@ -52,9 +52,8 @@ def test_head_loss_is_zero_only_at_agreement(small, batches):
                                  FinetuneConfig(epochs=4, lr=1e-4, learn_scales=True),
                                  FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4),
                                  FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, flip_copies=True),
-                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, mosaic=8),
-                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, fg_weight=4.0, fg_conf=0.1)],
-                         ids=["distill", "distill-lsq", "blocks", "blocks-flip-copies", "blocks-mosaic", "blocks-fg"])
+                                 FinetuneConfig(mode="blocks", block_steps=8, lr=1e-4, mosaic=8)],
+                         ids=["distill", "distill-lsq", "blocks", "blocks-flip-copies", "blocks-mosaic"])
 def test_finetune_brings_the_quantized_model_closer_to_its_teacher(small, batches, w4, cfg):
     manifest, base = w4
     net = copy.deepcopy(base)
@@ -101,29 +100,6 @@ def test_mosaic_quadrants_are_crops_of_training_images():
             assert abs(float(colours[k] - v[0])) < 1e-6
             used.add(k)
     assert len(used) == 6  # drawn from the whole pool, not one batch
-
-
-def test_foreground_weights_cover_the_teachers_detections(small, batches):
-    from lowbit.finetune.distill import _nmse, foreground_weights
-
-    pred = torch.zeros(1, 6, 3)  # three anchors: a confident box on the top-left quarter, two below threshold
-    pred[0, :4, 0] = torch.tensor([16.0, 16.0, 32.0, 32.0])
-    pred[0, 4, 0], pred[0, 5, 1], pred[0, 4, 2] = 0.8, 0.2, 0.1
-    pred[0, :4, 1:] = torch.tensor([48.0, 48.0, 32.0, 32.0])[:, None]
-    w = foreground_weights(pred, 64, conf=0.25, weight=5.0, res=8)
-    assert torch.allclose(w[0, 0, :4, :4], torch.tensor(5.0)) and torch.equal(w[0, 0, 4:, :], torch.ones(4, 8))
-    assert torch.equal(w[0, 0, :4, 4:], torch.ones(4, 4))
-    # an error inside the box costs more than the same error outside it
-    t = torch.ones(1, 2, 16, 16)
-    inside, outside = t.clone(), t.clone()
-    inside[..., 2, 2] += 1
-    outside[..., 12, 12] += 1
-    assert float(_nmse(inside, t, w)) > 2 * float(_nmse(outside, t, w))
-    with torch.no_grad():  # the real teacher finds objects in the calibration images
-        w = foreground_weights(small.net(batches[0].images)[0], IMGSZ, conf=0.1, weight=4.0)
-    assert float(w.max()) > 1.4 and float(w.min()) == 1.0
-    with pytest.raises(LowbitError, match="decoded"):
-        foreground_weights(torch.zeros(2, 300, 6)[..., :4].transpose(1, 2)[:, :3], IMGSZ, 0.25, 1.0)
 
 
 def test_mosaic_adds_training_steps_and_refuses_labels(small, batches, w4):

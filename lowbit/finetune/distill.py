@@ -66,11 +66,6 @@ class FinetuneConfig(BaseModel):
     # that many extra training images (every mode), each a 2x2 mosaic of four random training images at 0.5-1x
     # their scale: the teacher labels them, so a few hundred photos give new scenes, not only altered copies
     mosaic: int = 0
-    # "blocks", "adaround": each block's output error counts 1 + fg_weight times as much inside the teacher's
-    # detections (confidence >= fg_conf, weighted by it): plain MSE is dominated by background, while the
-    # detector's error is where the objects are (the foreground masks of detection distillation, e.g. FGD)
-    fg_weight: float = 0.0
-    fg_conf: float = 0.25
     seed: int = 0
 
 
@@ -112,34 +107,8 @@ def head_loss(s: dict, t: dict, reg_max: int, feature_weight: float = 0.0) -> to
     return loss
 
 
-def _nmse(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalized squared error; `w` ([B,1,h,w] spatial weights, any resolution) weights both sums alike."""
-    d, t = (s.float() - t.float()) ** 2, t.float() ** 2
-    if w is not None and t.dim() == 4:
-        w = F.adaptive_avg_pool2d(w, t.shape[-2:]) if w.shape[-1] >= t.shape[-1] else \
-            F.interpolate(w, size=t.shape[-2:], mode="nearest")
-        d, t = d * w, t * w
-    return d.sum() / t.sum().clamp_min(1e-12)
-
-
-def foreground_weights(pred: torch.Tensor, imgsz: int, conf: float, weight: float, res: int = 160) -> torch.Tensor:
-    """[B,1,res,res] weights, 1 + weight * (the highest confidence of a teacher detection covering each cell).
-    `pred` is the detector's decoded output, [B, 4 + classes, anchors], boxes as pixel xywh."""
-    if pred.dim() != 3 or pred.shape[1] < 5:
-        raise LowbitError(f"fg_weight needs the detector's decoded [batch, 4 + classes, anchors] output, got {tuple(pred.shape)}")
-    cells = (torch.arange(res, device=pred.device, dtype=torch.float32) + 0.5) * imgsz / res
-    out = torch.ones(pred.shape[0], 1, res, res, device=pred.device)
-    for i, p in enumerate(pred.float()):
-        c = p[4:].amax(0)
-        keep = c >= conf
-        if not keep.any():
-            continue
-        (x, y, w, h), c = p[:4, keep], c[keep]
-        inside_y = ((cells[None] >= (y - h / 2)[:, None]) & (cells[None] < (y + h / 2)[:, None])).float()  # [K, res]
-        inside_x = ((cells[None] >= (x - w / 2)[:, None]) & (cells[None] < (x + w / 2)[:, None])).float()
-        cover = (c[:, None, None] * inside_y[:, :, None] * inside_x[:, None, :]).amax(0)
-        out[i, 0] += weight * cover
-    return out
+def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -430,10 +399,6 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
         xs_s += [x.flip(-1) for x in xs_s]
         batches = list(batches) * 2
     xs_t = list(xs_s)
-    fg = None
-    if cfg.fg_weight:
-        with torch.no_grad():
-            fg = [foreground_weights(teacher(x)[0], x.shape[-1], cfg.fg_conf, cfg.fg_weight) for x in xs_t]
     ys_s: list[list] = [[] for _ in batches]
     ys_t: list[list] = [[] for _ in batches]
     reg_max = teacher.model[-1].reg_max
@@ -464,7 +429,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                     i = int(torch.randint(len(batches), (), generator=gen))
                     out = ms(ins[i])
                     loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
-                        else _nmse(out, targets[i], fg[i] if fg else None)
+                        else _nmse(out, targets[i])
                     losses.append(loss.item())
                     if rounding:
                         loss = loss + cfg.round_weight * rounding.penalty(step, cfg.block_steps)
