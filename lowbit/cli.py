@@ -226,6 +226,8 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
              learn_scales: bool = typer.Option(False, help="learn integer weight scales as well (LSQ; with adaround, the step of the rounded integers)"),
              mosaic: int = typer.Option(0, help="extra training images, each a 2x2 mosaic of four training images (any mode; no labels)"),
+             seed: int = typer.Option(0, help="batch order, augmentation and mosaics; on YOLOv10n W4A16 AdaRound the seed "
+                                              "alone moved coco-val200 mAP by a point (docs/results.md)"),
              feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
              label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
              device: str = "cpu", out: Optional[Path] = OUT):
@@ -236,7 +238,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
                         round_weight=round_weight, round_bias=round_bias, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
-                        mosaic=mosaic)
+                        mosaic=mosaic, seed=seed)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
                                          eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
                                          device=device), out)

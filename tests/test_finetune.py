@@ -134,11 +134,11 @@ def test_cli_finetune_writes_a_checkpoint_and_before_after(tmp_path, small, batc
     manifest, base = w4
     save_quantized(base, manifest, tmp_path / "ckpt")
     r = CliRunner().invoke(app, ["finetune", "-c", str(tmp_path / "ckpt"), "--calib", assets["calib"], "-d", assets["val"],
-                                 "--max-images", "8", "--epochs", "1", "--lr", "1e-4", "-o", str(tmp_path / "run")])
+                                 "--max-images", "8", "--epochs", "1", "--lr", "1e-4", "--seed", "3", "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert "mAP50-95" in r.output and (tmp_path / "run" / "checkpoint" / "modelopt.pth").is_file()
     net, m = load_quantized(tmp_path / "run" / "checkpoint")
-    assert m.origin["finetune"]["mode"] == "distill" and m.imgsz == IMGSZ
+    assert m.origin["finetune"]["mode"] == "distill" and m.origin["finetune"]["seed"] == 3 and m.imgsz == IMGSZ
 
 
 @pytest.mark.parametrize("cfg", [FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest"),
