@@ -63,16 +63,13 @@ VARIANTS = {
                                                     learn_scales=True, lr=1e-4),
     "adaround-1000-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                     learn_scales=True, lr=1e-3),
-    # 768 mosaics of the 256 training images beside them (1024 in all); distillation at a quarter of the epochs
-    # keeps its step count
+    # 768 mosaics of the 256 training images beside them (1024 in all)
     "adaround-1000-lr1e-2-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                      mosaic=768),
     "adaround-2000-lr1e-2-mosaic768": FinetuneConfig(mode="adaround", block_steps=2000, batch=16, round_lr=1e-2,
                                                      mosaic=768),
     "adaround-1000-lr1e-2-step1e-3-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3, mosaic=768),
-    "distill-e15-lr3e-5-aug-mosaic768": FinetuneConfig(epochs=15, lr=3e-5, batch=16, scale_jitter=0.4,
-                                                       color_jitter=0.3, mosaic=768),
     # the same recipe with other sampling orders: the run-to-run spread that any gain must exceed
     "adaround-1000-lr1e-2-seed1": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=1),
     "adaround-1000-lr1e-2-seed2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=2),

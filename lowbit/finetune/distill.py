@@ -317,14 +317,12 @@ def mosaic_batches(batches, n: int, batch_size: int, seed: int = 0) -> list[Batc
     gen = torch.Generator().manual_seed(seed)
     out = torch.empty(n, *pool.shape[1:], dtype=pool.dtype, device=pool.device)
     for i in range(n):
-        for r in range(2):
-            for c in range(2):
-                src = pool[int(torch.randint(len(pool), (), generator=gen))]
-                side = int(torch.randint(half, size + 1, (), generator=gen))
-                y, x = (int(torch.randint(size - side + 1, (), generator=gen)) for _ in range(2))
-                crop = src[None, :, y:y + side, x:x + side]
-                out[i, :, r * half:(r + 1) * half, c * half:(c + 1) * half] = F.interpolate(
-                    crop, size=(half, half), mode="bilinear", align_corners=False)[0]
+        for r, c in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            src = pool[int(torch.randint(len(pool), (), generator=gen))]
+            side = int(torch.randint(half, size + 1, (), generator=gen))
+            y, x = (int(torch.randint(size - side + 1, (), generator=gen)) for _ in range(2))
+            out[i, :, r * half:(r + 1) * half, c * half:(c + 1) * half] = F.interpolate(
+                src[None, :, y:y + side, x:x + side], size=(half, half), mode="bilinear", align_corners=False)[0]
     return [Batch(out[s:s + batch_size], []) for s in range(0, n, batch_size)]
 
 
