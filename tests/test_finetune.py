@@ -229,3 +229,67 @@ def test_adaround_learned_steps_land_in_modelopt_quantizers(small, batches, w4, 
 def test_global_adaround_needs_integer_weights(small, batches):
     with pytest.raises(LowbitError, match="no calibrated integer weight quantizer"):
         finetune(copy.deepcopy(small.net), small.net, batches, FinetuneConfig(mode="adaround-global"), progress=False)
+
+
+def _codes(net):
+    from lowbit.finetune.adaround import integer_weight_quantizers
+
+    out = {}
+    for name, mod, wq in integer_weight_quantizers(net):
+        scale = 7 / wq.amax.float().reshape(-1, *[1] * (mod.weight.dim() - 1))
+        out[name] = torch.round(mod.weight.detach().float() * scale)
+    return out
+
+
+def test_vote_keeps_each_weights_majority_code_and_only_runs_of_one_start(tmp_path, small, batches, w4):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.finetune.vote import vote_rounding
+
+    manifest, base = w4
+    runs = [copy.deepcopy(base) for _ in range(3)]
+    for seed, net in enumerate(runs):
+        finetune(net, small.net, batches, FinetuneConfig(mode="adaround", block_steps=12, round_lr=1e-2,
+                                                         round_start="nearest", seed=seed), progress=False)
+    codes = [_codes(n) for n in runs]
+    assert any(not torch.equal(codes[0][k], codes[1][k]) for k in codes[0])  # the seeds round differently
+    voted, stats = vote_rounding(runs)
+    verify(voted, manifest.layers)
+    got = _codes(voted)
+    for k in got:
+        with torch.no_grad():
+            w = voted.get_submodule(k).weight
+            assert torch.equal(voted.get_submodule(k).weight_quantizer(w), w), f"{k}: off ModelOpt's grid"
+        agree = (codes[0][k] == codes[1][k]) | (codes[0][k] == codes[2][k])
+        assert torch.equal(got[k], torch.where(agree, codes[0][k], codes[1][k])), k
+    assert 0 < stats["changed_from_first"] < stats["weights"]
+
+    with pytest.raises(LowbitError, match="odd number"):
+        vote_rounding(runs[:2])
+    other = copy.deepcopy(runs[2])
+    conv = other.get_submodule("model.0.conv")
+    with torch.no_grad():
+        conv.bias.add_(0.1) if conv.bias is not None else other.get_submodule("model.0.bn").bias.add_(0.1)
+    with pytest.raises(LowbitError, match="run 2: model.0"):
+        vote_rounding([runs[0], runs[1], other])
+    with pytest.raises(LowbitError, match="vote combines rounding-only runs"):
+        finetune(copy.deepcopy(base), small.net, batches, FinetuneConfig(epochs=1, vote=3), progress=False)
+
+    for i, net in enumerate(runs):
+        save_quantized(net, manifest, tmp_path / f"run{i}")
+    r = CliRunner().invoke(app, ["vote", *[str(tmp_path / f"run{i}") for i in range(3)], "-o", str(tmp_path / "voted")])
+    assert r.exit_code == 0, r.output
+    restored, m = load_quantized(tmp_path / "voted", small)
+    assert m.origin["vote"]["runs"] == 3
+    assert all(torch.equal(_codes(restored)[k], got[k]) for k in got)
+
+
+def test_finetune_vote_runs_the_seeds_and_votes(small, batches, w4):
+    manifest, base = w4
+    net = copy.deepcopy(base)
+    res = finetune(net, small.net, batches, FinetuneConfig(mode="adaround", block_steps=6, round_lr=1e-2,
+                                                           round_start="nearest", vote=3), progress=False)
+    assert res.vote["runs"] == 3 and res.steps == 3 * 6 * sum(
+        1 for b in net.model if any(getattr(m, "weight_quantizer", None) is not None for m in b.modules()))
+    verify(net, manifest.layers)
