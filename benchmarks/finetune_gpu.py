@@ -70,10 +70,18 @@ VARIANTS = {
                                                      mosaic=768),
     "adaround-1000-lr1e-2-step1e-3-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3, mosaic=768),
-    # the same recipe with other sampling orders: the run-to-run spread that any gain must exceed
-    "adaround-1000-lr1e-2-seed1": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=1),
-    "adaround-1000-lr1e-2-seed2": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2, seed=2),
 }
+
+
+def variant(name: str) -> FinetuneConfig:
+    """A variant by name; `<variant>-seed<N>` is the same recipe with another sampling order (the run-to-run
+    spread that any gain must exceed, and the members of a rounding vote)."""
+    base, sep, seed = name.rpartition("-seed")
+    if sep and seed.isdigit() and base in VARIANTS:
+        return VARIANTS[base].model_copy(update={"seed": int(seed)})
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each may end in -seed<N>)")
+    return VARIANTS[name]
 # "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top); a chain
 # whose first stages were already run for this scheme starts from their result instead of running them again
 
@@ -123,7 +131,7 @@ def main():
             k = max((i for i in range(len(parts)) if ">".join(parts[:i]) in done), default=0)
             net, stages = (copy.deepcopy(base), []) if k == 0 else copy.deepcopy(done[">".join(parts[:k])])
             for i, part in enumerate(parts[k:], k + 1):
-                cfg = VARIANTS[part]
+                cfg = variant(part)
                 batches = make_batches(train, batch_size=cfg.batch)
                 stages.append(finetune(net, det.net, batches, cfg, dev, progress=False))  # its timer syncs the GPU
                 done[">".join(parts[:i])] = (copy.deepcopy(net), list(stages))
@@ -140,7 +148,7 @@ def main():
             print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.first_loss:.4g} -> {res.last_loss:.4g}, "
                   f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
             tuned = m.model_copy(update={"origin": {**m.origin, "finetune": {
-                "variant": rec["variant"], "stages": prior.get("stages", []) + [VARIANTS[v].model_dump() for v in parts]}}})
+                "variant": rec["variant"], "stages": prior.get("stages", []) + [variant(v).model_dump() for v in parts]}}})
             if a.save_all:
                 save_quantized(copy.deepcopy(net).cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}-{name.replace('>', '_')}")
             if after > best[0]:

@@ -228,8 +228,6 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              mosaic: int = typer.Option(0, help="extra training images, each a 2x2 mosaic of four training images (any mode; no labels)"),
              seed: int = typer.Option(0, help="batch order, augmentation and mosaics; on YOLOv10n W4A16 AdaRound the seed "
                                               "alone moved coco-val200 mAP by a point (docs/results.md)"),
-             vote: int = typer.Option(1, help="run the rounding this many times (seeds seed, seed+1, ...) and keep each "
-                                              "weight's majority (adaround modes; odd)"),
              feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
              label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
              device: str = "cpu", out: Optional[Path] = OUT):
@@ -240,7 +238,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
                         round_weight=round_weight, round_bias=round_bias, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
-                        mosaic=mosaic, seed=seed, vote=vote)
+                        mosaic=mosaic, seed=seed)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
                                          eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
                                          device=device), out)
@@ -250,18 +248,6 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     if res["before"]:
         b, a = res["before"]["map50_95"], res["after"]["map50_95"]
         console.print(f"mAP50-95 {b:.4f} -> {a:.4f} ({(a - b) * 100:+.2f} points)")
-
-
-@app.command("vote")
-def vote_cmd(checkpoints: list[Path] = typer.Argument(..., help="an odd number of rounding-only runs of one checkpoint "
-                                                                "(e.g. `finetune --mode adaround` with other seeds)"),
-             out: Path = typer.Option(..., "--out", "-o", help="folder for the voted checkpoint")):
-    """Majority vote of integer weights across AdaRound runs of one start: a checkpoint like any other."""
-    from lowbit.finetune.vote import vote_checkpoints
-
-    res = vote_checkpoints([str(c) for c in checkpoints], out)
-    console.print(f"voted {res['runs']} runs: {res['changed_from_first']} of {res['weights']} integer weights differ "
-                  f"from the first run's; checkpoint {res['checkpoint']}")
 
 
 @app.command("check-qdq")

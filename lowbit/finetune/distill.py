@@ -29,7 +29,6 @@ and writes the learned amax back into ModelOpt's quantizer at the end.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Literal
@@ -68,9 +67,6 @@ class FinetuneConfig(BaseModel):
     # their scale: the teacher labels them, so a few hundred photos give new scenes, not only altered copies
     mosaic: int = 0
     seed: int = 0
-    # "adaround*": run the rounding this many times (seeds seed, seed + 1, ...) from the same start and keep
-    # each weight's majority code (lowbit.finetune.vote); odd, and only for rounding-only runs
-    vote: int = 1
 
 
 class FinetuneResult(BaseModel):
@@ -80,7 +76,6 @@ class FinetuneResult(BaseModel):
     device: str
     first_loss: float
     last_loss: float
-    vote: dict | None = None  # with cfg.vote > 1: runs, weights voted on, and how many differ from the first run
 
 
 def _head(out) -> dict:
@@ -193,8 +188,6 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
         raise LowbitError("fine-tuning needs calibration images (none were given)")
     if cfg.mosaic and cfg.label_weight:
         raise LowbitError("mosaic images have no labels: use mosaic or label_weight, not both")
-    if cfg.vote > 1:
-        return _voted(student, teacher, batches, cfg, device, progress)
     torch.manual_seed(cfg.seed)
     if cfg.mosaic:
         batches = list(batches) + mosaic_batches(batches, cfg.mosaic, cfg.batch, cfg.seed)
@@ -212,27 +205,6 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
         p.requires_grad_(False)
     return FinetuneResult(mode=cfg.mode, steps=steps, seconds=time.perf_counter() - t0, device=device,
                           first_loss=first, last_loss=last)
-
-
-def _voted(student, teacher, batches, cfg: FinetuneConfig, device: str, progress: bool) -> FinetuneResult:
-    from lowbit.finetune.vote import vote_rounding
-
-    if cfg.mode not in ("adaround", "adaround-global") or cfg.learn_scales or cfg.round_bias:
-        raise LowbitError("vote combines rounding-only runs: use mode adaround or adaround-global, without "
-                          "learn_scales or round_bias")
-    if cfg.vote % 2 == 0:
-        raise LowbitError(f"vote must be odd (got {cfg.vote}): a tie has no majority")
-    runs, results = [], []
-    for i in range(cfg.vote):
-        net = copy.deepcopy(student)
-        results.append(finetune(net, teacher, batches, cfg.model_copy(update={"vote": 1, "seed": cfg.seed + i}),
-                                device, progress))
-        runs.append(net)
-    voted, stats = vote_rounding(runs, [f"seed {cfg.seed + i}" for i in range(cfg.vote)])
-    student.load_state_dict(voted.state_dict())
-    return FinetuneResult(mode=cfg.mode, steps=sum(r.steps for r in results), seconds=sum(r.seconds for r in results),
-                          device=device, first_loss=sum(r.first_loss for r in results) / len(results),
-                          last_loss=sum(r.last_loss for r in results) / len(results), vote=stats)
 
 
 def _label_criterion(net):
