@@ -75,7 +75,7 @@ VARIANTS = {
 
 def variant(name: str) -> FinetuneConfig:
     """A variant by name; `<variant>-seed<N>` is the same recipe with another sampling order (the run-to-run
-    spread that any gain must exceed, and the members of a rounding vote)."""
+    spread that any gain must exceed)."""
     base, sep, seed = name.rpartition("-seed")
     if sep and seed.isdigit() and base in VARIANTS:
         return VARIANTS[base].model_copy(update={"seed": int(seed)})

@@ -12,6 +12,7 @@ on what better head rounding could give. Run on training data only: it chooses w
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 
@@ -19,7 +20,9 @@ from lowbit.data.datasets import load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.evaluate.coco import evaluate
 from lowbit.io import write_json
+from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import load_quantized
+from lowbit.quantize.manifest import Manifest
 from lowbit.sensitivity.distortion import _head_maps, _nmse
 
 
@@ -45,10 +48,9 @@ def main():
     ap.add_argument("--map-data", help="labelled training set: mAP with the head block float")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    net, m = load_quantized(a.checkpoint)
-    from lowbit.models.ultralytics import load_detector
-
+    m = Manifest.load(Path(a.checkpoint) / "manifest.json")
     det = load_detector(m.model, m.imgsz)
+    net, m = load_quantized(a.checkpoint, det)
     batches = make_batches(load_dataset(a.images).subset(a.max_images), m.imgsz, 8, progress=False)
     with torch.no_grad():
         refs = [_head_maps(det.net(b.images)) for b in batches]
