@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import time
 
 import torch
@@ -74,14 +75,17 @@ VARIANTS = {
 
 
 def variant(name: str) -> FinetuneConfig:
-    """A variant by name; `<variant>-seed<N>` is the same recipe with another sampling order (the run-to-run
-    spread that any gain must exceed)."""
-    base, sep, seed = name.rpartition("-seed")
-    if sep and seed.isdigit() and base in VARIANTS:
-        return VARIANTS[base].model_copy(update={"seed": int(seed)})
-    if name not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each may end in -seed<N>)")
-    return VARIANTS[name]
+    """A variant by name, optionally ending in `-seed<N>` (the same recipe with another sampling order: the
+    run-to-run spread that any gain must exceed) and/or `-span<N>` (reconstruction units of N blocks)."""
+    update, base = {}, name
+    while base not in VARIANTS and (m := re.fullmatch(r"(.+)-(seed|span)(\d+)", base)):
+        base = m[1]
+        update.setdefault("seed" if m[2] == "seed" else "block_span", int(m[3]))
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each may end in -seed<N>, -span<N>)")
+    return VARIANTS[base].model_copy(update=update)
+
+
 # "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top); a chain
 # whose first stages were already run for this scheme starts from their result instead of running them again
 
