@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import time
 
 import torch
@@ -75,17 +74,14 @@ VARIANTS = {
 
 
 def variant(name: str) -> FinetuneConfig:
-    """A variant by name, optionally ending in `-seed<N>` (the same recipe with another sampling order: the
-    run-to-run spread that any gain must exceed) and/or `-span<N>` (reconstruction units of N blocks)."""
-    update, base = {}, name
-    while base not in VARIANTS and (m := re.fullmatch(r"(.+)-(seed|span)(\d+)", base)):
-        base = m[1]
-        update.setdefault("seed" if m[2] == "seed" else "block_span", int(m[3]))
-    if base not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each may end in -seed<N>, -span<N>)")
-    return VARIANTS[base].model_copy(update=update)
-
-
+    """A variant by name; `<variant>-seed<N>` is the same recipe with another sampling order (the run-to-run
+    spread that any gain must exceed)."""
+    base, sep, seed = name.rpartition("-seed")
+    if sep and seed.isdigit() and base in VARIANTS:
+        return VARIANTS[base].model_copy(update={"seed": int(seed)})
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each may end in -seed<N>)")
+    return VARIANTS[name]
 # "a>b": variant b fine-tunes the result of variant a (AdaRound's rounding, then distillation on top); a chain
 # whose first stages were already run for this scheme starts from their result instead of running them again
 
@@ -157,8 +153,11 @@ def main():
                 save_quantized(copy.deepcopy(net).cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}-{name.replace('>', '_')}")
             if after > best[0]:
                 best = (after, name)
-                # saved at once, so a run cut off by the device's time limit still returns its best so far
-                save_quantized(net.cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
+                # saved at once, so a run cut off by the device's time limit still returns its best so far; not
+                # with --save-all, which saved it already (the device returns a few files a run: a copy of the
+                # best cost the last seed's checkpoint once)
+                if not a.save_all:
+                    save_quantized(net.cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
 
 

@@ -216,8 +216,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
                                                       "adaround (block-wise, learned rounding only) or adaround-global "
                                                       "(learned rounding only, end to end)"),
              epochs: int = typer.Option(8, help="passes over the training images (distill, adaround-global)"),
-             block_steps: int = typer.Option(200, help="optimizer steps per reconstruction unit (blocks, adaround)"),
-             block_span: int = typer.Option(1, help="quantized top-level blocks per reconstruction unit (blocks, adaround)"),
+             block_steps: int = typer.Option(200, help="optimizer steps per block (blocks, adaround)"),
              lr: float = typer.Option(1e-5, help="learning rate of weights and biases (distill, blocks)"),
              round_lr: float = typer.Option(1e-3, help="learning rate of the rounding variables (adaround)"),
              round_weight: float = typer.Option(0.01, help="weight of the push of each rounding to up or down (adaround)"),
@@ -236,7 +235,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     from lowbit.api import FinetuneRunConfig, run_finetune
     from lowbit.finetune.distill import FinetuneConfig
 
-    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, block_span=block_span, lr=lr, round_lr=round_lr,
+    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
                         round_weight=round_weight, round_bias=round_bias, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
                         mosaic=mosaic, seed=seed)

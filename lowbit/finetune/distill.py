@@ -44,10 +44,7 @@ from lowbit.errors import LowbitError
 class FinetuneConfig(BaseModel):
     mode: Literal["distill", "blocks", "adaround", "adaround-global"] = "distill"
     epochs: int = 8  # passes over the calibration images ("distill", "adaround-global")
-    block_steps: int = 200  # optimizer steps per reconstruction unit ("blocks", "adaround")
-    # quantized top-level blocks per reconstruction unit ("blocks", "adaround"): 1 is BRECQ's block; more lets
-    # neighbouring blocks' roundings fit each other, matched only where the rest of the network reads them
-    block_span: int = 1
+    block_steps: int = 200  # optimizer steps per block ("blocks", "adaround")
     lr: float = 1e-5  # weights and biases ("distill", "blocks")
     round_lr: float = 1e-3  # AdaRound's rounding variables
     round_weight: float = 0.01  # AdaRound's push of each rounding to 0 or 1, against the block's relative error
@@ -384,58 +381,18 @@ def _route(m, x, ys):
     return ys[m.f] if isinstance(m.f, int) else [x if j == -1 else ys[j] for j in m.f]
 
 
-def _units(blocks, span: int) -> list[list[int]]:
-    """Consecutive top-level blocks grouped so that each group holds `span` blocks with quantized weights;
-    blocks without any (upsample, concat) join the group they feed."""
-    units, cur, n = [], [], 0
-    for k, m in enumerate(blocks):
-        cur.append(k)
-        if any(_is_quantized(q) for q in m.modules()):
-            n += 1
-        if n == span:
-            units.append(cur)
-            cur, n = [], 0
-    return units + ([cur] if cur else [])
-
-
-def _last_readers(blocks) -> dict[int, int]:
-    """Block index -> the last block that reads its output (Ultralytics' `f`: -1 the previous block, a
-    negative entry relative, others absolute)."""
-    out = {}
-    for j, m in enumerate(blocks):
-        for f in [m.f] if isinstance(m.f, int) else m.f:
-            out[j + f if f < 0 else f] = j
-    return out
-
-
-def _run_unit(blocks, unit: list[int], x, ys: list, keep: set) -> tuple[dict, list]:
-    """Blocks `unit` from state (x = the previous block's output, ys = every earlier block's kept output):
-    (outputs by block index, ys extended by the unit)."""
-    ys, outs = list(ys), {}
-    for k in unit:
-        m = blocks[k]
-        x = outs[k] = m(_route(m, x, ys))
-        ys.append(x if k in keep else None)
-    return outs, ys
-
-
 def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tuple[int, float, float]:
-    """Per-unit output matching, a unit being `block_span` quantized top-level blocks. Each unit's inputs
-    come from the already-tuned quantized prefix (so it also learns to absorb the error that reaches it);
-    its targets are the teacher's outputs of those of its blocks that anything after the unit reads (the
-    head's maps when it holds the head, by the head loss). Inside a unit the blocks may co-adapt, as
-    AdaRound's blocks measurably do across units (docs/results.md, residual by block). Outputs are cached
-    for every batch and only those a later block reads are kept (Ultralytics' `save`).
-    With AdaRound, the first 20% of a unit's steps fit the rounding freely, then the push towards 0/1
-    sharpens (beta 20 -> 2, the paper's schedule) and the unit is hard-rounded before the next one starts."""
+    """Per-block output matching. Each block's inputs come from the already-tuned quantized prefix (so a
+    block also learns to absorb the error that reaches it); its target is the teacher's block output.
+    Outputs are cached for every batch and only those a later block reads are kept (Ultralytics' `save`).
+    With AdaRound, the first 20% of a block's steps fit the rounding freely, then the push towards 0/1
+    sharpens (beta 20 -> 2, the paper's schedule) and the block is hard-rounded before the next one starts."""
     from lowbit.finetune.adaround import AdaRoundBlock
     from lowbit.progress import track
 
     s_blocks, t_blocks = list(student.model), list(teacher.model)
-    last = len(t_blocks) - 1
-    keep = set(getattr(teacher, "save", [])) | {last}
-    last_reader = _last_readers(t_blocks)
-    xs_s = [b.images.to(dev) for b in batches]  # the previous block's output, per batch
+    keep = set(getattr(teacher, "save", [])) | {len(t_blocks) - 1}
+    xs_s = [b.images.to(dev) for b in batches]  # current block inputs, per batch
     if cfg.flip_copies:
         xs_s += [x.flip(-1) for x in xs_s]
         batches = list(batches) * 2
@@ -445,27 +402,17 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     reg_max = teacher.model[-1].reg_max
     scales = _LearnedScales(student) if cfg.learn_scales and cfg.mode == "blocks" else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    total, first, final = 0, [], []
-    units = _units(s_blocks, cfg.block_span)
-
-    def unit_loss(outs: dict, targets: dict) -> torch.Tensor:
-        terms = [head_loss(_head(outs[k]), _head(t), reg_max) if k == last else _nmse(outs[k], t)
-                 for k, t in targets.items()]
-        return sum(terms) / len(terms)
-
+    total, first, last = 0, [], []
     try:
-        for unit in track(units, f"block reconstruction ({len(units)} units of {len(s_blocks)} blocks)",
-                          enabled=progress):
-            ms = torch.nn.ModuleList([s_blocks[k] for k in unit])
-            mt = torch.nn.ModuleList([t_blocks[k] for k in unit])
-            watched = [k for k in unit if k == unit[-1] or last_reader.get(k, -1) > unit[-1]]
+        for k in track(range(len(s_blocks)), f"block reconstruction ({len(s_blocks)} blocks)", enabled=progress):
+            ms, mt = s_blocks[k], t_blocks[k]
             with torch.no_grad():
-                t_states = [_run_unit(t_blocks, unit, xs_t[i], ys_t[i], keep) for i in range(len(batches))]
-            targets = [{k: outs[k] for k in watched} for outs, _ in t_states]
+                ins = [_route(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
+                targets = [mt(_route(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
             rounding = AdaRoundBlock(ms, mt, cfg.round_start, cfg.learn_scales) if cfg.mode == "adaround" else None
             params = rounding.parameters() if rounding else _trainable(ms)
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
-                           if any(name.startswith(f"model.{k}.") for k in unit)] if scales else []
+                           if name.startswith(f"model.{k}.")] if scales else []
             if any(_is_quantized(m) for m in ms.modules()) and params:
                 groups = _rounding_groups(rounding, ms, cfg) if rounding else [{"params": params, "lr": cfg.lr}]
                 if step_params:
@@ -478,7 +425,9 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                 losses = []
                 for step in range(cfg.block_steps):
                     i = int(torch.randint(len(batches), (), generator=gen))
-                    loss = unit_loss(_run_unit(s_blocks, unit, xs_s[i], ys_s[i], keep)[0], targets[i])
+                    out = ms(ins[i])
+                    loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
+                        else _nmse(out, targets[i])
                     losses.append(loss.item())
                     if rounding:
                         loss = loss + cfg.round_weight * rounding.penalty(step, cfg.block_steps)
@@ -490,20 +439,19 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                     p.requires_grad_(False)
                 total += cfg.block_steps
                 first.append(_mean_head(losses))
-                final.append(_mean_tail(losses))
+                last.append(_mean_tail(losses))
             if rounding:
                 rounding.finish()
-            del targets
             with torch.no_grad():
                 for i in range(len(batches)):
-                    outs, ys_s[i] = _run_unit(s_blocks, unit, xs_s[i], ys_s[i], keep)
-                    xs_s[i] = outs[unit[-1]]
-                    xs_t[i], ys_t[i] = t_states[i][0][unit[-1]], t_states[i][1]
-            del t_states
+                    xs_s[i] = ms(ins[i])
+                    xs_t[i] = targets[i]
+                    ys_s[i].append(xs_s[i] if k in keep else None)
+                    ys_t[i].append(xs_t[i] if k in keep else None)
     finally:
         if scales:
             scales.finish()
-    return total, float(sum(first)), float(sum(final))
+    return total, float(sum(first)), float(sum(last))
 
 
 def _is_quantized(mod: torch.nn.Module) -> bool:
