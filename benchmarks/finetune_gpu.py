@@ -153,9 +153,8 @@ def main():
                 save_quantized(copy.deepcopy(net).cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}-{name.replace('>', '_')}")
             if after > best[0]:
                 best = (after, name)
-                # saved at once, so a run cut off by the device's time limit still returns its best so far; not
-                # with --save-all, which saved it already (the device returns a few files a run: a copy of the
-                # best cost the last seed's checkpoint once)
+                # saved at once, so a run cut off by the device's time limit still returns its best so far
+                # (--save-all saved it above; a second copy would take one of the few files a run returns)
                 if not a.save_all:
                     save_quantized(net.cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
         print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
