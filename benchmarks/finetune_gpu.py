@@ -70,6 +70,16 @@ VARIANTS = {
                                                      mosaic=768),
     "adaround-1000-lr1e-2-step1e-3-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3, mosaic=768),
+    # block errors weighted by label-free Fisher weights through the float rest of the network (lowbit.finetune.fisher)
+    "adaround-1000-lr1e-2-fisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                  block_loss="fisher"),
+    "adaround-1000-lr1e-2-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                     block_loss="mse+fisher"),
+    "adaround-1000-lr1e-2-step1e-3-fisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                           learn_scales=True, lr=1e-3, block_loss="fisher"),
+    "adaround-1000-lr1e-2-step1e-3-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
+                                                              round_lr=1e-2, learn_scales=True, lr=1e-3,
+                                                              block_loss="mse+fisher"),
 }
 
 

@@ -221,6 +221,9 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              round_lr: float = typer.Option(1e-3, help="learning rate of the rounding variables (adaround)"),
              round_weight: float = typer.Option(0.01, help="weight of the push of each rounding to up or down (adaround)"),
              round_bias: bool = typer.Option(False, help="biases learn too, at --lr (adaround, adaround-global)"),
+             block_loss: str = typer.Option("mse", help="block error (blocks, adaround): mse, fisher (each element weighted "
+                                                        "by its label-free Fisher weight through the rest of the float "
+                                                        "network) or mse+fisher"),
              batch: int = 8,
              scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
              color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
@@ -236,7 +239,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     from lowbit.finetune.distill import FinetuneConfig
 
     ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
-                        round_weight=round_weight, round_bias=round_bias, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
+                        round_weight=round_weight, round_bias=round_bias, block_loss=block_loss, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
                         mosaic=mosaic, seed=seed)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),

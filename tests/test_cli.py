@@ -47,6 +47,8 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys):
         (["eval", "-m", str(tmp_path / "x.onnx"), "-d", assets["val"]], "x.onnx: ONNX file not found"),
         (["check-qdq", str(tmp_path / "x.onnx")], "x.onnx: ONNX file not found"),
         (["check-qdq", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX model"),
+        (["finetune", "-c", str(tmp_path), "--calib", assets["calib"], "--mode", "adaround", "--block-loss", "fishr"],
+         "block_loss: Input should be 'mse', 'fisher' or 'mse+fisher'"),
     ]
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     from lowbit.cli import main

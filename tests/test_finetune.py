@@ -102,6 +102,11 @@ def test_mosaic_quadrants_are_crops_of_training_images():
     assert len(used) == 6  # drawn from the whole pool, not one batch
 
 
+def test_fisher_block_loss_is_refused_outside_block_modes(small, batches, w4):
+    with pytest.raises(LowbitError, match="block_loss 'fisher'.*needs mode blocks or adaround"):
+        finetune(copy.deepcopy(w4[1]), small.net, batches, FinetuneConfig(block_loss="fisher"), progress=False)
+
+
 def test_mosaic_adds_training_steps_and_refuses_labels(small, batches, w4):
     _, base = w4
     net = copy.deepcopy(base)
@@ -142,9 +147,11 @@ def test_cli_finetune_writes_a_checkpoint_and_before_after(tmp_path, small, batc
 
 
 @pytest.mark.parametrize("cfg", [FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest"),
+                                 FinetuneConfig(mode="adaround", block_steps=24, round_lr=1e-2, round_start="nearest",
+                                                block_loss="fisher", fisher_samples=2),
                                  FinetuneConfig(mode="adaround-global", epochs=3, round_lr=1e-2, round_start="nearest",
                                                 scale_jitter=0.2)],
-                         ids=["block-wise", "global"])
+                         ids=["block-wise", "block-wise-fisher", "global"])
 def test_adaround_learns_rounding_only_and_leaves_weights_on_modelopt_grid(small, batches, w4, cfg):
     manifest, base = w4
     net = copy.deepcopy(base)
@@ -229,3 +236,28 @@ def test_adaround_learned_steps_land_in_modelopt_quantizers(small, batches, w4, 
 def test_global_adaround_needs_integer_weights(small, batches):
     with pytest.raises(LowbitError, match="no calibrated integer weight quantizer"):
         finetune(copy.deepcopy(small.net), small.net, batches, FinetuneConfig(mode="adaround-global"), progress=False)
+
+
+@pytest.mark.parametrize("k", [16, 19])
+def test_fisher_weights_predict_the_head_loss_of_a_perturbed_block_output(small, batches, k):
+    """Gaussian noise of variance s^2 on block k's output raises head_loss by s^2/2 times the sum of the
+    Fisher weights (its second-order expansion; head_loss is 0 with zero gradient at the teacher)."""
+    from lowbit.finetune.distill import _route, _run_from
+    from lowbit.finetune.fisher import block_fisher
+
+    blocks, reg_max = list(small.net.model), small.net.model[-1].reg_max
+    x, ys = batches[0].images[:2], []
+    with torch.no_grad():
+        for m in blocks[:k + 1]:
+            x = m(_route(m, x, ys))
+            ys.append(x)
+        t = _head(_run_from(blocks, k, x, ys[:k]))
+    gen = torch.Generator().manual_seed(0)
+    w = block_fisher(lambda y: _head(_run_from(blocks, k, y, ys[:k])), x, reg_max, 256, gen)
+    assert w.shape == x.shape and bool((w >= 0).all())
+    sigma = 3e-2 * float(x.std())  # small enough to be quadratic, large enough for float32's cancellation
+    with torch.no_grad():
+        rise = [float(head_loss(_head(_run_from(blocks, k, x + sigma * torch.randn(x.shape, generator=gen), ys[:k])),
+                                t, reg_max)) for _ in range(64)]
+    predicted = 0.5 * sigma ** 2 * float(w.sum())
+    assert sum(rise) / len(rise) == pytest.approx(predicted, rel=0.3)

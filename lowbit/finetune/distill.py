@@ -35,10 +35,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lowbit.data.loader import Batch
 from lowbit.errors import LowbitError
+from lowbit.finetune.fisher import block_fisher, weighted_nmse
 
 
 class FinetuneConfig(BaseModel):
@@ -55,6 +56,11 @@ class FinetuneConfig(BaseModel):
     # integer weight scales learn: LSQ ("distill", "blocks"), or the step of AdaRound's fixed integers ("adaround*");
     # activation scales stay as calibrated
     learn_scales: bool = False
+    # "blocks", "adaround": what each block's output error is measured by. "mse": plain relative error;
+    # "fisher": each element weighted by its label-free Fisher weight, i.e. by how much it moves the head loss
+    # through the float network after the block (lowbit.finetune.fisher); "mse+fisher": the mean of both
+    block_loss: Literal["mse", "fisher", "mse+fisher"] = "mse"
+    fisher_samples: int = Field(8, ge=1)  # random curvature probes averaged per image for the Fisher weights
     feature_weight: float = 0.0  # normalized MSE on the neck features the head reads
     label_weight: float = 0.0  # Ultralytics' detection loss on labels, when the images have them
     # Label-free augmentation: the teacher sees the same altered image, so any change of the input is a new
@@ -186,6 +192,8 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
     """Fine-tune `student` (a ModelOpt fake-quant network) in place against `teacher` (its float source)."""
     if not batches:
         raise LowbitError("fine-tuning needs calibration images (none were given)")
+    if cfg.block_loss != "mse" and cfg.mode not in ("blocks", "adaround"):
+        raise LowbitError(f"block_loss {cfg.block_loss!r} weighs block outputs: it needs mode blocks or adaround, not {cfg.mode}")
     if cfg.mosaic and cfg.label_weight:
         raise LowbitError("mosaic images have no labels: use mosaic or label_weight, not both")
     torch.manual_seed(cfg.seed)
@@ -402,6 +410,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     reg_max = teacher.model[-1].reg_max
     scales = _LearnedScales(student) if cfg.learn_scales and cfg.mode == "blocks" else None
     gen = torch.Generator().manual_seed(cfg.seed)
+    fisher_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     total, first, last = 0, [], []
     try:
         for k in track(range(len(s_blocks)), f"block reconstruction ({len(s_blocks)} blocks)", enabled=progress):
@@ -409,6 +418,10 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
             with torch.no_grad():
                 ins = [_route(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
                 targets = [mt(_route(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
+            weights = None
+            if cfg.block_loss != "mse" and k < len(s_blocks) - 1 and any(_is_quantized(m) for m in ms.modules()):
+                weights = [block_fisher(lambda y, i=i: _head(_run_from(t_blocks, k, y, ys_t[i])), targets[i], reg_max,
+                                        cfg.fisher_samples, fisher_gen) for i in range(len(batches))]
             rounding = AdaRoundBlock(ms, mt, cfg.round_start, cfg.learn_scales) if cfg.mode == "adaround" else None
             params = rounding.parameters() if rounding else _trainable(ms)
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
@@ -426,8 +439,14 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                 for step in range(cfg.block_steps):
                     i = int(torch.randint(len(batches), (), generator=gen))
                     out = ms(ins[i])
-                    loss = head_loss(_head(out), _head(targets[i]), reg_max) if k == len(s_blocks) - 1 \
-                        else _nmse(out, targets[i])
+                    if k == len(s_blocks) - 1:
+                        loss = head_loss(_head(out), _head(targets[i]), reg_max)
+                    elif weights is None:
+                        loss = _nmse(out, targets[i])
+                    elif cfg.block_loss == "fisher":
+                        loss = weighted_nmse(out, targets[i], weights[i])
+                    else:
+                        loss = 0.5 * (_nmse(out, targets[i]) + weighted_nmse(out, targets[i], weights[i]))
                     losses.append(loss.item())
                     if rounding:
                         loss = loss + cfg.round_weight * rounding.penalty(step, cfg.block_steps)
@@ -452,6 +471,15 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
         if scales:
             scales.finish()
     return total, float(sum(first)), float(sum(last))
+
+
+def _run_from(blocks, k: int, y: torch.Tensor, ys_before: list):
+    """The output of the last of `blocks` when block k's output is `y` (earlier outputs from `ys_before`)."""
+    ys = list(ys_before) + [y]
+    for m in blocks[k + 1:]:
+        y = m(_route(m, y, ys))
+        ys.append(y)
+    return y
 
 
 def _is_quantized(mod: torch.nn.Module) -> bool:
