@@ -80,6 +80,10 @@ VARIANTS = {
     "adaround-1000-lr1e-2-step1e-3-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3,
                                                               block_loss="mse+fisher"),
+    # learned steps and biases beside the rounding: the per-channel mean shift that rounding leaves
+    # (bias correction), at the steps' learning rate
+    "adaround-1000-lr1e-2-step1e-3-bias": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
+                                                         learn_scales=True, round_bias=True, lr=1e-3),
 }
 
 

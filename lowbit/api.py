@@ -4,6 +4,8 @@ returns its results, so a notebook gets exactly what `lowbit <verb>` does."""
 from __future__ import annotations
 
 import ast
+import gzip
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -113,8 +115,85 @@ def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = Tr
     res = evaluate(runnable, dataset, names, cfg.imgsz, cfg.batch, cfg.device, progress=progress,
                    model_name=cfg.model, threads=cfg.threads)
     run.write_json("results.json", res)
+    run.write_bytes(DETECTIONS, gzip.compress(json.dumps(res.detections, separators=(",", ":")).encode()))
     run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
     return res
+
+
+DETECTIONS = "detections.json.gz"  # beside an eval run's results.json: what `lowbit compare` re-scores
+
+
+class CompareConfig(BaseModel):
+    runs: list[str] = Field(min_length=2)  # `lowbit eval` run folders; the first is the reference
+    replicates: int = Field(500, ge=100)  # random halves of the images
+    seed: int = 0
+
+
+class CompareRow(BaseModel):
+    run: str
+    model: str
+    map50_95: float
+    se: float  # standard error of this mAP50-95 over choices of images like these
+    ci95: tuple[float, float]  # mAP50-95 +- 1.96 se
+    delta: float  # mAP50-95 minus the reference's
+    delta_se: float  # of the difference, both models scored on the same halves (paired)
+    delta_ci95: tuple[float, float]
+
+
+class Comparison(BaseModel):
+    dataset: str
+    images: int
+    replicates: int
+    seed: int
+    rows: list[CompareRow]
+
+
+def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: bool = True) -> Comparison:
+    """Every run's mAP50-95 against the first run's, with standard errors and 95% intervals from paired
+    resampling of the images (lowbit.evaluate.resampling): how much of a difference the images can resolve."""
+    from lowbit.evaluate.resampling import image_evals, paired_halves
+    from lowbit.io import read_json
+
+    runs = [Path(r) for r in cfg.runs]
+    configs, scored = [], []
+    for r in runs:
+        if not (r / DETECTIONS).is_file():
+            raise LowbitError(f"{r}: no {DETECTIONS}; compare takes run folders written by `lowbit eval` "
+                              f"(rerun it on this model: older runs did not keep their detections)")
+        configs.append(EvalConfig.model_validate(read_json(r / "config.json")))
+        scored.append(read_json(r / "results.json"))
+        if configs[-1].data != configs[0].data or configs[-1].imgsz != configs[0].imgsz:
+            raise LowbitError(f"{r}: evaluated on {configs[-1].data.model_dump()} at {configs[-1].imgsz} px, but "
+                              f"{runs[0]} on {configs[0].data.model_dump()} at {configs[0].imgsz} px; "
+                              "a paired comparison needs the same images")
+    dataset = configs[0].data.load()
+    evals = []
+    for r, res in zip(runs, scored):
+        try:
+            dets = json.loads(gzip.decompress((r / DETECTIONS).read_bytes()))
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"{r / DETECTIONS}: not readable ({e})") from None
+        ev = image_evals(dataset.coco, dets)
+        if abs(ev.map()[0] - res["map50_95"]) > 1e-9:  # the same images, labels and detections, or none of it holds
+            raise LowbitError(f"{r}: its detections score {ev.map()[0]:.4f} on {dataset.source}, but its results.json "
+                              f"says {res['map50_95']:.4f}; the labels or the run folder changed since it ran")
+        evals.append(ev)
+    run = RunDir(out, "compare")
+    run.write_json("config.json", cfg)
+    halves = paired_halves(evals, cfg.replicates, cfg.seed, progress)
+    rows = []
+    for j, (r, res) in enumerate(zip(runs, scored)):
+        # the spread of half-sample scores is the full sample's standard error; intervals sit on the observed
+        # values, not on the halves' mean, which carries the smaller sample's own bias
+        m, d = res["map50_95"], res["map50_95"] - scored[0]["map50_95"]
+        se, dse = float(halves[:, j].std(ddof=1)), float((halves[:, j] - halves[:, 0]).std(ddof=1))
+        rows.append(CompareRow(run=str(r), model=res["model"], map50_95=m, se=se, ci95=(m - 1.96 * se, m + 1.96 * se),
+                               delta=d, delta_se=dse, delta_ci95=(d - 1.96 * dse, d + 1.96 * dse)))
+    result = Comparison(dataset=dataset.source, images=len(dataset), replicates=cfg.replicates, seed=cfg.seed,
+                        rows=rows)
+    run.write_json("results.json", result)
+    run.log.info("compared %d runs on %s (%d images)", len(runs), dataset.source, len(dataset))
+    return result
 
 
 def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: bool = True,

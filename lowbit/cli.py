@@ -89,6 +89,27 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
 
 
 @app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="two or more `lowbit eval` run folders; the first is the reference"),
+            replicates: int = typer.Option(500, help="random halves of the images to score every model on"),
+            seed: int = typer.Option(0, help="seed of the halves"), out: Optional[Path] = OUT):
+    """mAP50-95 differences from the first run, with standard errors from paired resampling of the images."""
+    from lowbit.api import CompareConfig, run_compare
+
+    res = run_compare(CompareConfig(runs=[str(r) for r in runs], replicates=replicates, seed=seed), out)
+    t = Table(title=f"lowbit compare: {res.images} images of {res.dataset}",
+              caption=f"standard errors over the choice of images ({res.replicates} random halves, every model on the "
+              "same halves; 95% = +-1.96 SE); they leave out run-to-run spread (seeds), which only repeated runs measure")
+    for col in ("run", "mAP50-95", "SE", "Δ vs first", "SE of Δ", "95% interval of Δ"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for i, r in enumerate(res.rows):
+        first = i == 0
+        t.add_row(Path(r.run).name, f"{r.map50_95:.4f}", f"{r.se:.4f}", "reference" if first else f"{r.delta * 100:+.2f} pt",
+                  "" if first else f"{r.delta_se * 100:.2f} pt",
+                  "" if first else f"{r.delta_ci95[0] * 100:+.2f} to {r.delta_ci95[1] * 100:+.2f} pt")
+    console.print(t)
+
+
+@app.command()
 def quantize(model: str = MODEL,
              formats: str = typer.Option("W8A8", "--format", "-f", help="comma list, e.g. W8A8,W4A16:b64 (see `lowbit formats`)"),
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),

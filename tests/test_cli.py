@@ -62,3 +62,41 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys):
         assert e.value.code == 2
         printed = "".join(capsys.readouterr().out.split())  # rich wraps long paths anywhere
         assert "".join(msg.split()) in printed, (args, printed)
+
+
+def test_compare_pairs_the_runs_and_names_a_bad_one(tmp_path, assets, capsys):
+    """Two evaluations of one model differ by exactly 0 on every half of the images (the halves are shared); the
+    gap of collapsed INT4 (ModelOpt's max calibration alone) is resolved; runs that cannot be paired are
+    refused, naming the run."""
+    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W4A16", "--clip", "max", "--calib", assets["calib"],
+                            "--calib-images", "4", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    runs = {}
+    for name, model, n in (("a", assets["model"], "8"), ("b", assets["model"], "8"), ("c", str(tmp_path / "q" / "W4A16"), "8"),
+                           ("d", assets["model"], "6")):
+        runs[name] = tmp_path / name
+        r = runner.invoke(app, ["eval", "-m", model, "-d", assets["val"], "--max-images", n, "--batch", "4",
+                                "--out", str(runs[name])])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["compare", str(runs["a"]), str(runs["b"]), str(runs["c"]), "--replicates", "100",
+                            "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    ref, same, collapsed = json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"]
+    assert ref["map50_95"] > 0.2 and 0.005 < ref["se"] < 0.2 and ref["se"] == same["se"]
+    assert same["delta"] == 0 and same["delta_ci95"] == [0, 0] and same["delta_se"] == 0
+    assert collapsed["delta"] < -0.15 and collapsed["delta_ci95"][1] < 0 < collapsed["delta_se"]
+    assert "95% interval of Δ" in r.output
+
+    (runs["b"] / "detections.json.gz").unlink()
+    from lowbit.cli import main
+    import sys
+    import pytest
+
+    for args, msg in ((["compare", str(runs["a"]), str(runs["b"])], f"{runs['b']}: no detections.json.gz"),
+                      (["compare", str(runs["a"]), str(runs["d"])], "a paired comparison needs the same images")):
+        sys.argv = ["lowbit", *args]
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2
+        printed = "".join(capsys.readouterr().out.split())
+        assert "".join(msg.split()) in printed, (args, printed)

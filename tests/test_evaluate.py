@@ -72,3 +72,29 @@ def test_matches_ultralytics_val(shared_copy, yolov10n):
     assert abs(ours - theirs) < 0.005, (ours, theirs)
     assert abs(ours - res.box.map) < 0.01, (ours, res.box.map)
     assert (shared_copy / "labels.cache").exists()  # Ultralytics wrote its cache into the copy, not ../shared
+
+
+def test_halves_reaccumulate_exactly_like_pycocotools(yolov10n, demo_val):
+    """The score of a subset of the images, re-accumulated from one COCO matching, is pycocotools' score on
+    that subset; all images give pycocotools' mAP itself."""
+    import numpy as np
+
+    from lowbit.evaluate.resampling import image_evals, paired_halves
+
+    ds = demo_val.subset(10)
+    dets = evaluate(yolov10n.net, ds, yolov10n.names, batch_size=5, progress=False, warmup=0).detections
+    gt = ds.coco
+    ev = image_evals(gt, dets)
+    full = coco_map(gt, dets)
+    assert ev.map() == pytest.approx((full["map50_95"], full["map50"]), abs=1e-12)
+
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 0], bool)
+    ids = {im["id"] for im, k in zip(gt["images"], keep) if k}
+    part = coco_map({"images": [im for im in gt["images"] if im["id"] in ids],
+                     "annotations": [a for a in gt["annotations"] if a["image_id"] in ids],
+                     "categories": gt["categories"]}, [d for d in dets if d["image_id"] in ids])
+    assert ev.map(keep) == pytest.approx((part["map50_95"], part["map50"]), abs=1e-12)
+    assert abs(part["map50_95"] - full["map50_95"]) > 1e-3  # the subset changes the score
+
+    halves = paired_halves([ev, ev], replicates=100)
+    assert np.array_equal(halves[:, 0], halves[:, 1]) and halves[:, 0].std() > 0.005

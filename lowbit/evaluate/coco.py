@@ -6,7 +6,7 @@ import contextlib
 import io
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lowbit.data.datasets import Dataset
 from lowbit.data.loader import Batch, make_batches
@@ -29,23 +29,32 @@ class EvalResult(BaseModel):
     map_medium: float
     map_large: float
     latency: Latency
+    # COCO-format detections behind the scores, for paired comparisons (lowbit.evaluate.bootstrap); kept out
+    # of results.json, written beside it by `lowbit eval`
+    detections: list[dict] = Field(default_factory=list, exclude=True, repr=False)
 
 
-def coco_map(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+def matched(coco_gt: dict, detections: list[dict]):
+    """pycocotools' COCOeval of box detections (not empty) on every image of `coco_gt`, after `evaluate()`."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    keys = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large")
-    if not detections:
-        return dict.fromkeys(keys, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = {k: coco_gt[k] for k in ("images", "annotations", "categories")}
         gt.createIndex()
-        dt = gt.loadRes(detections)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, gt.loadRes(detections), "bbox")
         ev.params.imgIds = [im["id"] for im in coco_gt["images"]]
         ev.evaluate()
+    return ev
+
+
+def coco_map(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    keys = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large")
+    if not detections:
+        return dict.fromkeys(keys, 0.0)
+    ev = matched(coco_gt, detections)
+    with contextlib.redirect_stdout(io.StringIO()):
         ev.accumulate()
         ev.summarize()
     return {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
@@ -96,7 +105,7 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
     return EvalResult(model=model_name or str(getattr(model, "source", model)), runtime=runner.name,
                       dataset=dataset.source, images=len(dataset), imgsz=imgsz,
                       map50_95=stats["map50_95"], map50=stats["map50"], map_small=stats["map_small"],
-                      map_medium=stats["map_medium"], map_large=stats["map_large"], latency=lat)
+                      map_medium=stats["map_medium"], map_large=stats["map_large"], latency=lat, detections=dets)
 
 
 def mean_ap_only(model, dataset: Dataset, names: dict[int, str], batches: list[Batch], imgsz: int = 640,
@@ -110,4 +119,4 @@ def mean_ap_only(model, dataset: Dataset, names: dict[int, str], batches: list[B
     return coco_map(dataset.coco, dets)["map50_95"]
 
 
-__all__ = ["EvalResult", "coco_map", "evaluate", "mean_ap_only"]
+__all__ = ["EvalResult", "coco_map", "evaluate", "matched", "mean_ap_only"]
