@@ -4,8 +4,6 @@ returns its results, so a notebook gets exactly what `lowbit <verb>` does."""
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,7 +14,7 @@ from pydantic import BaseModel, Field
 from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
-from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detections, save_detections
 from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.formats import parse_format
 from lowbit.io import RunDir
@@ -115,12 +113,9 @@ def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = Tr
     res = evaluate(runnable, dataset, names, cfg.imgsz, cfg.batch, cfg.device, progress=progress,
                    model_name=cfg.model, threads=cfg.threads)
     run.write_json("results.json", res)
-    run.write_bytes(DETECTIONS, gzip.compress(json.dumps(res.detections, separators=(",", ":")).encode()))
+    save_detections(run.path, res.detections)
     run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
     return res
-
-
-DETECTIONS = "detections.json.gz"  # beside an eval run's results.json: what `lowbit compare` re-scores
 
 
 class CompareConfig(BaseModel):
@@ -155,9 +150,10 @@ def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: boo
     from lowbit.io import read_json
 
     runs = [Path(r) for r in cfg.runs]
-    configs, scored = [], []
+    configs, scored, found = [], [], []
     for r in runs:
-        if not (r / DETECTIONS).is_file():
+        found.append(load_detections(r))
+        if found[-1] is None:
             raise LowbitError(f"{r}: no {DETECTIONS}; compare takes run folders written by `lowbit eval` "
                               f"(rerun it on this model: older runs did not keep their detections)")
         configs.append(EvalConfig.model_validate(read_json(r / "config.json")))
@@ -168,11 +164,7 @@ def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: boo
                               "a paired comparison needs the same images")
     dataset = configs[0].data.load()
     evals = []
-    for r, res in zip(runs, scored):
-        try:
-            dets = json.loads(gzip.decompress((r / DETECTIONS).read_bytes()))
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"{r / DETECTIONS}: not readable ({e})") from None
+    for r, res, dets in zip(runs, scored, found):
         ev = image_evals(dataset.coco, dets)
         if abs(ev.map()[0] - res["map50_95"]) > 1e-9:  # the same images, labels and detections, or none of it holds
             raise LowbitError(f"{r}: its detections score {ev.map()[0]:.4f} on {dataset.source}, but its results.json "

@@ -84,6 +84,3 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write_text(self.path / name, text)
-
-    def write_bytes(self, name: str, data: bytes) -> Path:
-        return atomic_write_bytes(self.path / name, data)

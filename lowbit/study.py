@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from lowbit.api import DataConfig, SensitivityConfig, run_sensitivity
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
-from lowbit.evaluate.coco import EvalResult, evaluate
+from lowbit.evaluate.coco import EvalResult, evaluate, load_detections, save_detections
 from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
@@ -78,6 +78,8 @@ class StudyConfig(BaseModel):
     speed_threads: int | None = None  # runtime threads for `speed` (default: the runtime's own)
     save_checkpoints: bool = False
     finetune: FinetuneSpec | None = None
+    # random halves of the evaluation images behind each scheme's standard error of its Δ vs FP32 (0: none)
+    error_halves: int = Field(200, ge=0)
 
     @field_validator("search", mode="before")
     @classmethod
@@ -118,6 +120,30 @@ class SchemeResult(BaseModel):
     seconds: float
 
 
+def _load_result(st: "Stage") -> SchemeResult:
+    res = SchemeResult.model_validate(read_json(st.path / "result.json"))
+    res.result.detections = load_detections(st.path) or []
+    return res
+
+
+def _save_result(st: "Stage", res: SchemeResult) -> None:
+    save_detections(st.path, res.result.detections)
+    write_json(st.path / "result.json", res)
+
+
+def _delta_errors(results: list[SchemeResult], evalset, halves: int, known: dict[str, float]) -> dict[str, float]:
+    """Standard error of each scheme's Δ vs FP32 over the choice of evaluation images (as `lowbit compare`),
+    added to `known` for schemes not in it; a scheme whose detections were not kept has none."""
+    from lowbit.evaluate.resampling import image_evals, paired_halves
+
+    todo = [r for r in results[1:] if r.manifest.name not in known and r.result.detections]
+    if halves and todo and results[0].result.detections and len(evalset) >= 4:
+        evals = [image_evals(evalset.coco, r.result.detections) for r in [results[0], *todo]]
+        h = paired_halves(evals, halves)  # seed 0: every call pairs FP32 with the same halves
+        known.update({r.manifest.name: float((h[:, j] - h[:, 0]).std(ddof=1)) for j, r in enumerate(todo, 1)})
+    return known
+
+
 class Stage:
     def __init__(self, root: Path, name: str, *inputs):
         self.key = fingerprint(name, *inputs)
@@ -154,7 +180,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         st = Stage(run.path, "eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32")
         if st.done:
             work["cached"] += 1
-            res = SchemeResult.model_validate(read_json(st.path / "result.json"))
+            res = _load_result(st)
             if m is not None:
                 res.manifest = m
             return res
@@ -167,7 +193,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         out = SchemeResult(manifest=manifest, result=res, seconds=time.perf_counter() - t)
         if m is not None and cfg.save_checkpoints:
             save_quantized(net, m, st.path / "checkpoint")
-        write_json(st.path / "result.json", out)
+        _save_result(st, out)
         st.finish()
         work["evaluated"] += 1
         log.info("%s: mAP50-95 %.4f (%.1f s)", manifest.name, res.map50_95, out.seconds)
@@ -200,10 +226,12 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     manifests += [Manifest.load(s) for s in cfg.schemes]
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
-    summary = write_study_report(cfg, results, reports, run.path)
+    errors = _delta_errors(results, evalset, cfg.error_halves, {})
+    summary = write_study_report(cfg, results, reports, run.path, errors)
     if cfg.finetune is not None:
         results += _finetune_stage(cfg, det, results, summary, calib, evalset, batches, data_key, grams, run, work, progress)
-        summary = write_study_report(cfg, results, reports, run.path)
+        summary = write_study_report(cfg, results, reports, run.path,
+                                     _delta_errors(results, evalset, cfg.error_halves, errors))
     if cfg.export_onnx and summary["recommended"]:
         summary["onnx"] = _export_recommended(cfg, det, results, summary, batches, evalset, run, progress)
     if cfg.speed:
@@ -288,7 +316,7 @@ def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, bat
                    ft.model_dump())
         if st.done:
             work["cached"] += 1
-            out.append(SchemeResult.model_validate(read_json(st.path / "result.json")))
+            out.append(_load_result(st))
             continue
         cb, eb = batches()
         train = make_batches(calib, cfg.imgsz, ft.batch, progress=False)
@@ -304,7 +332,7 @@ def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, bat
         save_quantized(net.cpu(), m, st.path / "checkpoint")  # the export needs the learned weights
         net.to(cfg.device)
         sr = SchemeResult(manifest=m, result=r, seconds=res.seconds)
-        write_json(st.path / "result.json", sr)
+        _save_result(st, sr)
         st.finish()
         work["evaluated"] += 1
         run.log.info("%s: mAP50-95 %.4f -> %.4f after %s (%.1f s)", name, src.result.map50_95, r.map50_95, ft.mode,

@@ -25,8 +25,14 @@ def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
     for f in ("study-report.md", "schemes.csv", "pareto.png", "summary.json", "config.json"):
         assert (out / f).stat().st_size > 0
     assert "Which scheme to pick" in (out / "study-report.md").read_text()
+    # each scheme's Δ carries its standard error over the choice of images, from the detections each
+    # evaluation keeps, so a cached re-run reports the same errors
+    se = {r["scheme"]: r["delta_se_points"] for r in first["rows"]}
+    assert se["FP32"] is None and all(0 < v < 50 for k, v in se.items() if k != "FP32")
+    assert "SE of Δ" in (out / "study-report.md").read_text()
     again = run_study(_write(tmp_path, assets, [8.0]), out, progress=False)
     assert again["work"] == {"evaluated": 0, "cached": 3}
+    assert {r["scheme"]: r["delta_se_points"] for r in again["rows"]} == se
     changed = run_study(_write(tmp_path, assets, [8.0, 6.0]), out, progress=False)
     assert changed["work"] == {"evaluated": 1, "cached": 3}
     rows = json.loads((out / "summary.json").read_text())["rows"]

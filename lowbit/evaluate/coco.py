@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
+import json
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
@@ -79,6 +82,27 @@ def detections_to_coco(batch: Batch, preds: list[torch.Tensor], imgsz: int, cat_
     return out
 
 
+DETECTIONS = "detections.json.gz"  # beside a result.json: what `lowbit compare` and a study's errors re-score
+
+
+def save_detections(folder: str | Path, detections: list[dict]) -> Path:
+    from lowbit.io import atomic_write_bytes
+
+    return atomic_write_bytes(Path(folder) / DETECTIONS,
+                              gzip.compress(json.dumps(detections, separators=(",", ":")).encode()))
+
+
+def load_detections(folder: str | Path) -> list[dict] | None:
+    """The detections saved in `folder`; None where there are none (results written before they were kept)."""
+    path = Path(folder) / DETECTIONS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{path}: not readable ({e})") from None
+
+
 def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, batch_size: int = 1,
              device: str = "cpu", warmup: int = 3, batches: list[Batch] | None = None,
              progress: bool = True, model_name: str | None = None, threads: int | None = None) -> EvalResult:
@@ -119,4 +143,5 @@ def mean_ap_only(model, dataset: Dataset, names: dict[int, str], batches: list[B
     return coco_map(dataset.coco, dets)["map50_95"]
 
 
-__all__ = ["EvalResult", "coco_map", "evaluate", "matched", "mean_ap_only"]
+__all__ = ["DETECTIONS", "EvalResult", "coco_map", "evaluate", "load_detections", "matched", "mean_ap_only",
+           "save_detections"]

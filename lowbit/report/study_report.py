@@ -14,14 +14,16 @@ KIND_STYLE = {"fp32": ("k", "*"), "uniform": ("tab:gray", "s"), "budget": ("tab:
               "finetune": ("tab:cyan", "v")}
 
 
-def _rows(results) -> list[dict]:
+def _rows(results, errors: dict[str, float]) -> list[dict]:
     base = results[0].result.map50_95
     rows = []
     for r in results:
         s, res = r.manifest.stats, r.result
         kind = "fp32" if r.manifest.name == "FP32" else r.manifest.origin.get("kind", "manifest")
+        se = errors.get(r.manifest.name)
         rows.append({"scheme": r.manifest.name, "kind": kind, "map50_95": res.map50_95, "map50": res.map50,
-                     "drop_points": (base - res.map50_95) * 100, "int4_share": s.int4_share if s else 0.0,
+                     "drop_points": (base - res.map50_95) * 100, "delta_se_points": None if se is None else se * 100,
+                     "int4_share": s.int4_share if s else 0.0,
                      "effective_weight_bits": 32.0 if kind == "fp32" else (s.effective_weight_bits if s else 16.0),
                      "mean_act_bits": 32.0 if kind == "fp32" else (s.mean_act_bits if s else 16.0),
                      "weight_mb": s.weight_mb * (2 if kind == "fp32" else 1) if s else 0.0,
@@ -111,8 +113,9 @@ def _finetune_section(results) -> list[str]:
     return lines + [""]
 
 
-def write_study_report(cfg, results, reports, folder: Path) -> dict:
-    rows = _rows(results)
+def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, float] | None = None) -> dict:
+    """`errors`: each scheme's standard error of its Δ vs FP32 over the choice of evaluation images."""
+    rows = _rows(results, errors or {})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
@@ -124,13 +127,19 @@ def write_study_report(cfg, results, reports, folder: Path) -> dict:
     lines = [f"# lowbit study: {cfg.name}", "",
              f"Model `{cfg.model}`; evaluated on `{cfg.eval.path}` ({results[0].result.images} images, pycocotools); "
              f"calibration and sensitivity on `{cfg.calib.path}`; {cfg.device}.", "",
-             "| scheme | kind | mAP50-95 | mAP50 | Δ points | INT4 share | eff. W bits | mean A bits | weights MB | predicted damage |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| scheme | kind | mAP50-95 | mAP50 | Δ points | SE of Δ | INT4 share | eff. W bits | mean A bits | weights MB | predicted damage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pdmg = "" if r["predicted_damage"] is None else f"{r['predicted_damage']:.3g}"
+        se = "" if r["delta_se_points"] is None else f"{r['delta_se_points']:.2f}"
         lines.append(f"| {r['scheme']} | {r['kind']} | {r['map50_95']:.4f} | {r['map50']:.4f} | {-r['drop_points']:+.2f} | "
-                     f"{r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | {r['mean_act_bits']:.1f} | "
+                     f"{se} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | {r['mean_act_bits']:.1f} | "
                      f"{r['weight_mb']:.2f} | {pdmg} |")
+    if errors:
+        lines += ["", f"SE of Δ: the standard error of a scheme's difference from FP32 over the choice of the "
+                  f"{results[0].result.images} evaluation images ({cfg.error_halves} random halves, every scheme on the "
+                  "same halves, as `lowbit compare`). Two schemes whose Δ differ by less than about twice that are not "
+                  "told apart by these images."]
     lines += ["", "![accuracy vs weight bits](pareto.png)", ""]
     lines += _finetune_section(results)
     lines += ["## Which scheme to pick", ""]
