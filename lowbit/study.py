@@ -131,17 +131,23 @@ def _save_result(st: "Stage", res: SchemeResult) -> None:
     write_json(st.path / "result.json", res)
 
 
-def _delta_errors(results: list[SchemeResult], evalset, halves: int, known: dict[str, float]) -> dict[str, float]:
-    """Standard error of each scheme's Δ vs FP32 over the choice of evaluation images (as `lowbit compare`),
-    added to `known` for schemes not in it; a scheme whose detections were not kept has none."""
+def _delta_errors(results: list[SchemeResult], evalset, halves: int, cache: Path) -> dict[str, float]:
+    """Standard error of each scheme's Δ vs FP32 over the choice of evaluation images (as `lowbit compare`);
+    a scheme whose detections were not kept has none. Kept in `cache` by each scheme's detections (FP32's
+    are fixed by the stage key), since re-scoring every scheme's halves costs seconds per scheme."""
     from lowbit.evaluate.resampling import image_evals, paired_halves
 
-    todo = [r for r in results[1:] if r.manifest.name not in known and r.result.detections]
-    if halves and todo and results[0].result.detections and len(evalset) >= 4:
+    if not halves or len(evalset) < 4 or not results[0].result.detections:
+        return {}
+    known = read_json(cache) if cache.is_file() else {}
+    keys = {r.manifest.name: fingerprint(r.result.detections) for r in results[1:] if r.result.detections}
+    todo = [r for r in results[1:] if r.manifest.name in keys and keys[r.manifest.name] not in known]
+    if todo:
         evals = [image_evals(evalset.coco, r.result.detections) for r in [results[0], *todo]]
         h = paired_halves(evals, halves)  # seed 0: every call pairs FP32 with the same halves
-        known.update({r.manifest.name: float((h[:, j] - h[:, 0]).std(ddof=1)) for j, r in enumerate(todo, 1)})
-    return known
+        known.update({keys[r.manifest.name]: float((h[:, j] - h[:, 0]).std(ddof=1)) for j, r in enumerate(todo, 1)})
+        write_json(cache, known)
+    return {name: known[k] for name, k in keys.items()}
 
 
 class Stage:
@@ -226,8 +232,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     manifests += [Manifest.load(s) for s in cfg.schemes]
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
-    errors = _delta_errors(results, evalset, cfg.error_halves, {})
-    summary = write_study_report(cfg, results, reports, run.path, errors)
+    errors = Stage(run.path, "errors", data_key, cfg.error_halves).path / "delta-se.json"
+    summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors))
     if cfg.finetune is not None:
         results += _finetune_stage(cfg, det, results, summary, calib, evalset, batches, data_key, grams, run, work, progress)
         summary = write_study_report(cfg, results, reports, run.path,

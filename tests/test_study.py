@@ -33,6 +33,7 @@ def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
     again = run_study(_write(tmp_path, assets, [8.0]), out, progress=False)
     assert again["work"] == {"evaluated": 0, "cached": 3}
     assert {r["scheme"]: r["delta_se_points"] for r in again["rows"]} == se
+    assert len(list((out / "cache").glob("errors-*/delta-se.json"))) == 1
     changed = run_study(_write(tmp_path, assets, [8.0, 6.0]), out, progress=False)
     assert changed["work"] == {"evaluated": 1, "cached": 3}
     rows = json.loads((out / "summary.json").read_text())["rows"]

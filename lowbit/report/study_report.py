@@ -146,7 +146,7 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
     for d, r in decisions.items():
         lines.append(f"- Within {d:g} mAP point(s) of FP32, fewest weight bits: "
                      + (f"**{r['scheme']}** ({r['effective_weight_bits']:.2f} bits, {r['int4_share']:.0%} INT4, "
-                        f"{-r['drop_points']:+.2f} points)" if r else "none of the evaluated schemes"))
+                        f"{-r['drop_points']:+.2f}{_se(r)} points)" if r else "none of the evaluated schemes"))
     if recommended:
         m = next(x.manifest for x in results if x.manifest.name == recommended["scheme"])
         layers = next(iter(reports.values())).rows if reports else []
@@ -159,6 +159,10 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
     atomic_write_text(folder / "study-report.md", "\n".join(lines) + "\n")
     return {"rows": rows, "decisions": {str(k): v for k, v in decisions.items()},
             "recommended": recommended["scheme"] if recommended else None}
+
+
+def _se(row: dict) -> str:
+    return "" if row["delta_se_points"] is None else f" ± {row['delta_se_points']:.2f}"
 
 
 def _ms(v) -> str:
