@@ -32,7 +32,7 @@ class EvalResult(BaseModel):
     map_medium: float
     map_large: float
     latency: Latency
-    # COCO-format detections behind the scores, for paired comparisons (lowbit.evaluate.bootstrap); kept out
+    # COCO-format detections behind the scores, for paired comparisons (lowbit.evaluate.resampling); kept out
     # of results.json, written beside it by `lowbit eval`
     detections: list[dict] = Field(default_factory=list, exclude=True, repr=False)
 
