@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Several fine-tuning runs side by side on the one lent GPU (docs/results.md, section 7). YOLOv10n's
+# block-wise steps are small kernels that leave most of an H100 idle, so a seed study runs each seed as its
+# own process at once; times measured this way are not solo times (benchmarks/finetune_gpu.sh gives those).
+#
+#   bash benchmarks/finetune_parallel_gpu.sh <deadline s> "<finetune_gpu.py args>" ["<args>" ...]
+#
+# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/<scheme>-<variant>.tar.xz, logs in
+# $OUT/finetune-log.jsonl; a run still going
+# <deadline> seconds after this script started (setup included) is stopped, so the ones that finished come
+# back even when the device's time limit is near. Measured on an H100 (2026-11-27): seven YOLOv10n AdaRound
+# runs at once kept it 100% busy and none finished within 350 s, where one alone takes 125-190 s: the GPU
+# is not idle enough for many at once; two or three fit.
+set -uo pipefail
+start=$SECONDS
+source benchmarks/device_setup.sh
+deadline=$1; shift
+# built once here, not by every run at once; only the integer kernels (ModelOpt's precompile() also builds the
+# FP8 and MX ones: 190 s on the H100)
+python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext; get_cuda_ext()" 2>&1 | grep -v -i warn
+nvidia-smi dmon -s u -d 10 > $OUT/gpu-util.txt 2>&1 &
+dmon=$!
+pids=()
+for i in $(seq 1 $#); do
+  mkdir -p $OUT/run$i
+  # shellcheck disable=SC2086  # each argument is one run's word list
+  OMP_NUM_THREADS=2 python3 benchmarks/finetune_gpu.py --out $OUT/run$i ${!i} > $OUT/run$i/stdout.txt 2>&1 &
+  pids+=($!)
+done
+alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while [ $((SECONDS - start)) -lt "$deadline" ] && alive; do sleep 5; done
+for p in "${pids[@]}"; do kill $p 2>/dev/null; done
+kill $dmon 2>/dev/null
+echo "wall $((SECONDS - start)) s for $# runs"
+cat $OUT/gpu-util.txt
+# the device returns 8 files at most: one log, and each checkpoint as one .tar.xz (9 MB -> ~1.2 MB)
+cat $OUT/run*/finetune-log.jsonl > $OUT/finetune-log.jsonl 2>/dev/null
+for i in $(seq 1 $#); do
+  echo "== run$i: ${!i}"; grep -v -i warn $OUT/run$i/stdout.txt | tail -5
+  for d in $OUT/run$i/*/; do [ -d "$d" ] && tar -C "$d/.." -cJf "$OUT/$(basename "$d").tar.xz" "$(basename "$d")"; done
+  rm -rf $OUT/run$i
+done
+rm -f $OUT/gpu-util.txt
