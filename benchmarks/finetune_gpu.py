@@ -75,23 +75,11 @@ VARIANTS = {
                                                   block_loss="fisher"),
     "adaround-1000-lr1e-2-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                      block_loss="mse+fisher"),
-    # four times the curvature probes per image: less noisy weights
-    "adaround-1000-lr1e-2-msefisher32": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                                       block_loss="mse+fisher", fisher_samples=32),
     "adaround-1000-lr1e-2-step1e-3-fisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                            learn_scales=True, lr=1e-3, block_loss="fisher"),
     "adaround-1000-lr1e-2-step1e-3-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
                                                               round_lr=1e-2, learn_scales=True, lr=1e-3,
                                                               block_loss="mse+fisher"),
-    # learned steps of the INT4 weights only (a mixed scheme's INT8 layers keep their calibrated steps)
-    "adaround-1000-lr1e-2-step4-1e-3-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16,
-                                                                round_lr=1e-2, learn_scales=True, scales_max_bits=4,
-                                                                lr=1e-3, block_loss="mse+fisher"),
-    # a weight may end one grid step beyond its two neighbours
-    "adaround-1000-lr1e-2-reach-msefisher": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                                           round_reach=1, block_loss="mse+fisher"),
-    "adaround-1000-lr1e-2-step1e-3-reach": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                                          learn_scales=True, lr=1e-3, round_reach=1),
     # learned steps and biases beside the rounding: the per-channel mean shift that rounding leaves
     # (bias correction), at the steps' learning rate
     "adaround-1000-lr1e-2-step1e-3-bias": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Several fine-tuning runs side by side on the one lent GPU (docs/results.md, section 7). YOLOv10n's
-# block-wise steps are small kernels that leave most of an H100 idle, so a seed study runs each seed as its
-# own process at once; times measured this way are not solo times (benchmarks/finetune_gpu.sh gives those).
+# Several fine-tuning runs side by side on the one lent GPU (docs/results.md, section 7): YOLOv10n's
+# block-wise AdaRound leaves an H100 room for more than one run. Measured on the H100 (2026-11-27), each
+# run's own time: MSE + Fisher AdaRound alone 157 s; two at once 164-168 s each (with learned steps), three
+# 173-178 s, five 208-223 s; seven did not finish within 350 s. So a five-seed study takes the time of about
+# one and a half runs. Times measured this way are not solo times: benchmarks/finetune_gpu.sh gives those.
 #
 #   bash benchmarks/finetune_parallel_gpu.sh <deadline s> "<finetune_gpu.py args>" ["<args>" ...]
 #
-# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/<scheme>-<variant>.tar.xz, logs in
-# $OUT/finetune-log.jsonl; a run still going
-# <deadline> seconds after this script started (setup included) is stopped, so the ones that finished come
-# back even when the device's time limit is near. Measured on an H100 (2026-11-27): seven YOLOv10n AdaRound
-# runs at once kept it 100% busy and none finished within 350 s, where one alone takes 125-190 s: the GPU
-# is not idle enough for many at once; two or three fit.
+# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/<scheme>-<variant>.tar.xz,
+# logs in $OUT/finetune-log.jsonl; a run still going <deadline> seconds after this script started (setup
+# included) is stopped, so the ones that finished come back even when the device's time limit is near.
 set -uo pipefail
 start=$SECONDS
 source benchmarks/device_setup.sh

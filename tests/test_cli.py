@@ -39,7 +39,8 @@ def test_quantize_saves_a_checkpoint_that_eval_reads(tmp_path, assets):
     assert "8.00" in r.output and "nan" not in r.output  # the checkpoint's scheme: 8-bit weights
 
 
-def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys):
+def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refused run still logs to runs/<verb>-<time> under the working directory
     cases = [
         (["eval", "-m", str(tmp_path / "none.pt"), "-d", assets["val"]], "none.pt: model file not found"),
         (["eval", "-m", assets["model"], "-d", str(tmp_path)], "no images"),

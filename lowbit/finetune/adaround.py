@@ -37,7 +37,7 @@ class AdaRoundWeight(torch.nn.Module):
     of its float value: the grid point `start` rounds to, or its neighbour towards the float weight."""
 
     def __init__(self, float_weight: torch.Tensor, amax: torch.Tensor, bits: int, start: torch.Tensor | None = None,
-                 learn_step: bool = False, reach: int = 0):
+                 learn_step: bool = False):
         super().__init__()
         self.qmax = 2 ** (bits - 1) - 1
         # a tensor numerator, as ModelOpt writes it (see _LsqWeight), so the grid is ModelOpt's
@@ -54,51 +54,33 @@ class AdaRoundWeight(torch.nn.Module):
         m = 1e-4 if start is None else 0.25
         rest = x - self.floor
         rest = torch.where(n > self.floor, rest.clamp(0.5 + m, 1 - 1e-4), rest.clamp(1e-4, 0.5 - m))
-        self.v = torch.nn.Parameter(_inverse_h(rest))
-        # reach 1: two more soft steps per weight, one added and one taken away, so a weight may also end a
-        # grid step beyond its two neighbours (the two neighbours alone leave the tuned YOLOv10n 3.4 points short
-        # on its own training images). Both start at 0.25: they cancel, so the start is unchanged, and stay a
-        # margin from 0.5, where the regularizer's first push would pick a side at random (see above); at 0
-        # they would be pulled back there before the loss could move them.
-        self.extra = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.full_like(rest, float(_inverse_h(torch.tensor(0.25))))) for _ in range(2 * reach)])
+        self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         # the integers stay on the grid chosen above; with learn_step their common step (per channel) learns
         # too, as a relative change, so a channel whose range was clipped too far or too little can recover
         self.log_step = torch.nn.Parameter(torch.zeros_like(scale)) if learn_step else None
         self.hard = False
 
-    def h(self, v: torch.Tensor | None = None) -> torch.Tensor:
-        v = self.v if v is None else v
-        return (v >= 0).float() if self.hard else torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        n = self.floor + self.h()
-        for i, e in enumerate(self.extra):
-            n = n + self.h(e) if i % 2 == 0 else n - self.h(e)
-        q = torch.clamp(n, -self.qmax - 1, self.qmax) / self.scale
+        up = (self.v >= 0).float() if self.hard else self.h()
+        q = torch.clamp(self.floor + up, -self.qmax - 1, self.qmax) / self.scale
         return (q if self.log_step is None else q * self.log_step.exp()).to(w.dtype)
 
-    def variables(self) -> list[torch.nn.Parameter]:
-        return [self.v, *self.extra]
-
     def regularizer(self, beta: float) -> torch.Tensor:
-        """Sum over soft steps of 1 - |2h - 1|^beta: 0 once every h is 0 or 1."""
-        return sum((1 - (2 * self.h(v) - 1).abs().pow(beta)).sum() for v in self.variables())
-
-
-def _inverse_h(h: torch.Tensor) -> torch.Tensor:
-    """The variable whose rectified sigmoid is h (0 < h < 1)."""
-    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+        """Sum over weights of 1 - |2h - 1|^beta: 0 once every h is 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
 class AdaRoundBlock:
     """AdaRound twins for the integer-weight quantizers of one block, around `teacher_block`'s float
     weights. start="current" begins at the student's present rounding (GPTQ's, by default), "nearest" at
-    round-to-nearest of the float weights, as in the paper. Each quantizer of at most `step_bits` bits learns
-    its step (amax) as well, written back into ModelOpt's quantizer; `reach` as in AdaRoundWeight."""
+    round-to-nearest of the float weights, as in the paper. With learn_step, each quantizer's step (amax)
+    learns as well and is written back into ModelOpt's quantizer."""
 
     def __init__(self, block: torch.nn.Module, teacher_block: torch.nn.Module, start: str = "current",
-                 step_bits: int = 0, reach: int = 0):
+                 learn_step: bool = False):
         teacher = dict(teacher_block.named_modules())
         self.twins = []
         for name, mod, wq in integer_weight_quantizers(block):
@@ -106,18 +88,18 @@ class AdaRoundBlock:
                 continue
             amax = wq.amax.reshape(-1, *[1] * (mod.weight.dim() - 1)) if wq.amax.numel() > 1 else wq.amax
             twin = AdaRoundWeight(teacher[name].weight.to(mod.weight.device), amax.to(mod.weight.device), wq.num_bits,
-                                  mod.weight if start == "current" else None, wq.num_bits <= step_bits, reach)
+                                  mod.weight if start == "current" else None, learn_step)
             mod._modules["weight_quantizer"] = twin
             self.twins.append((mod, wq, twin))
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [v for *_, twin in self.twins for v in twin.variables()]
+        return [twin.v for *_, twin in self.twins]
 
     def step_parameters(self) -> list[torch.nn.Parameter]:
         return [twin.log_step for *_, twin in self.twins if twin.log_step is not None]
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        n = sum(v.numel() for *_, twin in self.twins for v in twin.variables())
+        n = sum(twin.v.numel() for *_, twin in self.twins)
         return sum(twin.regularizer(beta) for *_, twin in self.twins) / max(n, 1)
 
     def penalty(self, step: int, steps: int) -> torch.Tensor | float:

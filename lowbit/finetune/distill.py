@@ -51,16 +51,11 @@ class FinetuneConfig(BaseModel):
     round_weight: float = 0.01  # AdaRound's push of each rounding to 0 or 1, against the block's relative error
     # AdaRound's first rounding: "current" = the checkpoint's own (GPTQ's, by default), "nearest" = the paper's
     round_start: Literal["current", "nearest"] = "current"
-    # AdaRound: 1 lets a weight also end one grid step beyond its two neighbours (0: the paper's up or down)
-    round_reach: int = Field(0, ge=0, le=1)
     round_bias: bool = False  # "adaround", "adaround-global": biases learn too (at lr), for the mean shift rounding leaves
     batch: int = 8
     # integer weight scales learn: LSQ ("distill", "blocks"), or the step of AdaRound's fixed integers ("adaround*");
     # activation scales stay as calibrated
     learn_scales: bool = False
-    # "adaround*": only integer weights of at most this many bits learn their step (4: the INT4 layers of a mixed
-    # scheme, leaving its INT8 layers as calibrated)
-    scales_max_bits: int = Field(8, ge=2, le=8)
     # "blocks", "adaround": what each block's output error is measured by. "mse": plain relative error;
     # "fisher": each element weighted by its label-free Fisher weight, i.e. by how much it moves the head loss
     # through the float network after the block (lowbit.finetune.fisher); "mse+fisher": the mean of both
@@ -277,7 +272,7 @@ def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progre
     from lowbit.finetune.adaround import AdaRoundBlock
     from lowbit.progress import track
 
-    rounding = AdaRoundBlock(student, teacher, cfg.round_start, _step_bits(cfg), cfg.round_reach)
+    rounding = AdaRoundBlock(student, teacher, cfg.round_start, cfg.learn_scales)
     if not rounding.twins:
         raise LowbitError("adaround-global: the model has no calibrated integer weight quantizer to round")
     groups = _rounding_groups(rounding, student, cfg)
@@ -307,11 +302,6 @@ def _global_rounding(student, teacher, batches, cfg: FinetuneConfig, dev, progre
             p.requires_grad_(False)
         rounding.finish()
     return steps, _mean_head(losses), _mean_tail(losses)
-
-
-def _step_bits(cfg: FinetuneConfig) -> int:
-    """The widest integer weights whose step AdaRound learns (0: none)."""
-    return cfg.scales_max_bits if cfg.learn_scales else 0
 
 
 def _rounding_groups(rounding, module: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -432,8 +422,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
             if cfg.block_loss != "mse" and k < len(s_blocks) - 1 and any(_is_quantized(m) for m in ms.modules()):
                 weights = [block_fisher(lambda y, i=i: _head(_run_from(t_blocks, k, y, ys_t[i])), targets[i], reg_max,
                                         cfg.fisher_samples, fisher_gen) for i in range(len(batches))]
-            rounding = (AdaRoundBlock(ms, mt, cfg.round_start, _step_bits(cfg), cfg.round_reach)
-                        if cfg.mode == "adaround" else None)
+            rounding = AdaRoundBlock(ms, mt, cfg.round_start, cfg.learn_scales) if cfg.mode == "adaround" else None
             params = rounding.parameters() if rounding else _trainable(ms)
             step_params = [lsq.delta for name, *_, lsq in scales.swapped
                            if name.startswith(f"model.{k}.")] if scales else []
