@@ -111,13 +111,15 @@ def main():
     ap.add_argument("--save-all", action="store_true",
                     help="return every variant's checkpoint (<scheme>-<variant>), not only the best, e.g. for a seed study")
     ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
+    ap.add_argument("--calib-dir", help="calibrate on every image of this folder instead (make_ft_carry.py --calib-originals)")
     a = ap.parse_args()
     dev = a.device
     det = load_detector("lowbit/assets/yolov10n.pt")
     det.net.to(dev)
     train = load_dataset(".carry/ft/train/images").subset(a.max_train)
     held = load_dataset(".carry/ft/dev/annotations/instances_dev.json", ".carry/ft/dev/images")
-    calib = make_batches(train.subset(a.calib_images), batch_size=8)
+    calib_set = load_dataset(a.calib_dir) if a.calib_dir else train.subset(a.calib_images)
+    calib = make_batches(calib_set, batch_size=8)
     held_b = make_batches(held, batch_size=16)
     log = open(f"{a.out}/finetune-log.jsonl", "a")
 
@@ -155,7 +157,7 @@ def main():
                                                 "first_loss": stages[0].first_loss})
             after = dev_map(net)
             rec = {"scheme": m.name, "variant": ">".join(filter(None, [prior.get("variant"), name])), "dev_before": before, "dev_after": after, **res.model_dump(),
-                   "train_images": len(train), "calib_images": min(a.calib_images, len(train)),
+                   "train_images": len(train), "calib_images": len(calib_set.images), "calib_dir": a.calib_dir,
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")
             log.flush()

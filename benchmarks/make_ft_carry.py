@@ -8,6 +8,11 @@ recorded fine-tune is dropped, so the scheme starts from PTQ):
 
     python3 benchmarks/make_ft_carry.py runs/study-yolov10n/cache/eval-*/result.json
     .venv/bin/python benchmarks/make_ft_carry.py --quality 90 docs/data/budget-5.6-distilled-manifest.json
+
+`--calib-originals N` also carries, byte-identical in .carry/ft/calib/images, the N training images that
+finetune_gpu.py calibrates GPTQ on by default (`--calib-images N`, drawn with seed 0): re-encoding those at
+quality 90 moved the 60% scheme's PTQ mAP by 0.79 points (docs/results.md, section 7), so `finetune_gpu.py
+--calib-dir .carry/ft/calib/images` starts from the originals.
 """
 
 import argparse
@@ -25,6 +30,8 @@ ap.add_argument("manifests", nargs="*")
 ap.add_argument("--quality", type=int, default=None, help="re-encode the training JPEGs at this quality; take all")
 ap.add_argument("--train-on-held-out", action="store_true",
                 help="once a recipe is chosen: train on all 288 (the held-out 32 too; their scores are then not held out)")
+ap.add_argument("--calib-originals", type=int, default=0, metavar="N",
+                help="also carry the N default GPTQ calibration images unaltered, in .carry/ft/calib/images")
 a = ap.parse_args()
 j = json.load(open(f"{SRC}/annotations/instances_coco-calib-train.json"))
 ims = sorted(j["images"], key=lambda x: x["file_name"])
@@ -52,6 +59,14 @@ for name, sel in [("train", train), ("dev", held)]:
             Image.open(src).convert("RGB").save(dst, "JPEG", quality=a.quality)
         else:
             shutil.copy(src, dst)
+if a.calib_originals:
+    # the draw of lowbit.data.datasets.Dataset.subset (seed 0) over the training folder's sorted file names
+    names = sorted(im["file_name"] for im in train)
+    idx = list(range(len(names)))
+    random.Random(0).shuffle(idx)
+    os.makedirs(f"{DST}/calib/images")
+    for i in sorted(idx[:a.calib_originals]):
+        shutil.copy(f"{SRC}/images/{names[i]}", f"{DST}/calib/images/{names[i]}")
 os.makedirs(f"{DST}/schemes")
 for path in a.manifests:
     m = json.load(open(path))
