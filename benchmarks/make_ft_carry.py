@@ -60,13 +60,11 @@ for name, sel in [("train", train), ("dev", held)]:
         else:
             shutil.copy(src, dst)
 if a.calib_originals:
-    # the draw of lowbit.data.datasets.Dataset.subset (seed 0) over the training folder's sorted file names
-    names = sorted(im["file_name"] for im in train)
-    idx = list(range(len(names)))
-    random.Random(0).shuffle(idx)
+    from lowbit.data.datasets import load_dataset  # the very draw finetune_gpu.py makes
+
     os.makedirs(f"{DST}/calib/images")
-    for i in sorted(idx[:a.calib_originals]):
-        shutil.copy(f"{SRC}/images/{names[i]}", f"{DST}/calib/images/{names[i]}")
+    for im in load_dataset(f"{DST}/train/images").subset(a.calib_originals).images:
+        shutil.copy(f"{SRC}/images/{im.path.name}", f"{DST}/calib/images/{im.path.name}")
 os.makedirs(f"{DST}/schemes")
 for path in a.manifests:
     m = json.load(open(path))
