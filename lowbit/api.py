@@ -146,7 +146,7 @@ class Comparison(BaseModel):
 def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: bool = True) -> Comparison:
     """Every run's mAP50-95 against the first run's, with standard errors and 95% intervals from paired
     resampling of the images (lowbit.evaluate.resampling): how much of a difference the images can resolve."""
-    from lowbit.evaluate.resampling import image_evals, paired_halves
+    from lowbit.evaluate.resampling import image_evals, paired_halves, standard_errors
     from lowbit.io import read_json
 
     runs = [Path(r) for r in cfg.runs]
@@ -172,13 +172,12 @@ def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: boo
         evals.append(ev)
     run = RunDir(out, "compare")
     run.write_json("config.json", cfg)
-    halves = paired_halves(evals, cfg.replicates, cfg.seed, progress)
+    ses, delta_ses = standard_errors(paired_halves(evals, cfg.replicates, cfg.seed, progress))
     rows = []
-    for j, (r, res) in enumerate(zip(runs, scored)):
-        # the spread of half-sample scores is the full sample's standard error; intervals sit on the observed
-        # values, not on the halves' mean, which carries the smaller sample's own bias
+    for r, res, se, dse in zip(runs, scored, ses.tolist(), delta_ses.tolist()):
+        # intervals sit on the observed values, not on the halves' mean, which carries the smaller sample's
+        # own bias
         m, d = res["map50_95"], res["map50_95"] - scored[0]["map50_95"]
-        se, dse = float(halves[:, j].std(ddof=1)), float((halves[:, j] - halves[:, 0]).std(ddof=1))
         rows.append(CompareRow(run=str(r), model=res["model"], map50_95=m, se=se, ci95=(m - 1.96 * se, m + 1.96 * se),
                                delta=d, delta_se=dse, delta_ci95=(d - 1.96 * dse, d + 1.96 * dse)))
     result = Comparison(dataset=dataset.source, images=len(dataset), replicates=cfg.replicates, seed=cfg.seed,

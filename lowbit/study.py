@@ -135,7 +135,7 @@ def _delta_errors(results: list[SchemeResult], evalset, halves: int, cache: Path
     """Standard error of each scheme's Δ vs FP32 over the choice of evaluation images (as `lowbit compare`);
     a scheme whose detections were not kept has none. Kept in `cache` by each scheme's detections (FP32's
     are fixed by the stage key), since re-scoring every scheme's halves costs seconds per scheme."""
-    from lowbit.evaluate.resampling import image_evals, paired_halves
+    from lowbit.evaluate.resampling import image_evals, paired_halves, standard_errors
 
     if not halves or len(evalset) < 4 or not results[0].result.detections:
         return {}
@@ -144,8 +144,8 @@ def _delta_errors(results: list[SchemeResult], evalset, halves: int, cache: Path
     todo = [r for r in results[1:] if r.manifest.name in keys and keys[r.manifest.name] not in known]
     if todo:
         evals = [image_evals(evalset.coco, r.result.detections) for r in [results[0], *todo]]
-        h = paired_halves(evals, halves)  # seed 0: every call pairs FP32 with the same halves
-        known.update({keys[r.manifest.name]: float((h[:, j] - h[:, 0]).std(ddof=1)) for j, r in enumerate(todo, 1)})
+        _, delta_se = standard_errors(paired_halves(evals, halves))  # seed 0: FP32 always on the same halves
+        known.update({keys[r.manifest.name]: float(delta_se[j]) for j, r in enumerate(todo, 1)})
         write_json(cache, known)
     return {name: known[k] for name, k in keys.items()}
 

@@ -123,4 +123,10 @@ def paired_halves(evals: list[ImageEvals], replicates: int = 500, seed: int = 0,
     return out
 
 
-__all__ = ["ImageEvals", "REC_THRS", "image_evals", "paired_halves"]
+def standard_errors(halves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From `paired_halves`' scores: each model's standard error (the spread of its half-sample scores is the
+    full sample's), and that of its difference from the first model, scored on the same halves."""
+    return halves.std(axis=0, ddof=1), (halves - halves[:, :1]).std(axis=0, ddof=1)
+
+
+__all__ = ["ImageEvals", "REC_THRS", "image_evals", "paired_halves", "standard_errors"]
