@@ -4,7 +4,8 @@
 
 Training images: the 256 coco-calib-train images that are not held out (.carry/ft/train, no labels read). Variants are chosen on 32
 other, labelled coco-calib-train images (.carry/ft/dev); coco-val200 is never seen here: the best variant
-of each scheme comes back as a checkpoint and is evaluated on coco-val200 on the CPU:
+of each scheme comes back as a checkpoint and is evaluated on coco-val200 on the CPU (a carry made with
+make_ft_carry.py --train-on-held-out trains on all 288 and holds nothing out: pass --save-all):
 
     .venv/bin/lowbit eval -m <returned checkpoint folder> -d ../shared/assets/coco-val200/coco-val200.yaml --batch 8
 """
@@ -63,6 +64,21 @@ VARIANTS = {
                                                     learn_scales=True, lr=1e-4),
     "adaround-1000-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                     learn_scales=True, lr=1e-3),
+    # twice and half the steps per block: uniform INT4 falls short on the very images it was tuned on
+    "adaround-2000-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=2000, batch=16, round_lr=1e-2,
+                                                    learn_scales=True, lr=1e-3),
+    "adaround-250-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=250, batch=16, round_lr=1e-2,
+                                                   learn_scales=True, lr=1e-3),
+    "adaround-750-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=750, batch=16, round_lr=1e-2,
+                                                   learn_scales=True, lr=1e-3),
+    "adaround-500-lr1e-2-step1e-3-msefisher": FinetuneConfig(mode="adaround", block_steps=500, batch=16,
+                                                             round_lr=1e-2, learn_scales=True, lr=1e-3,
+                                                             block_loss="mse+fisher"),
+    "adaround-500-lr1e-2": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_lr=1e-2),
+    "adaround-500-lr1e-2-step1e-3": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_lr=1e-2,
+                                                   learn_scales=True, lr=1e-3),
+    "adaround-500-lr1e-2-msefisher": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_lr=1e-2,
+                                                    block_loss="mse+fisher"),
     # 768 mosaics of the 256 training images beside them (1024 in all)
     "adaround-1000-lr1e-2-mosaic768": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                      mosaic=768),
@@ -111,22 +127,29 @@ def main():
     ap.add_argument("--save-all", action="store_true",
                     help="return every variant's checkpoint (<scheme>-<variant>), not only the best, e.g. for a seed study")
     ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
+    ap.add_argument("--calib-seed", type=int, default=0, help="which draw of --calib-images (Dataset.subset's seed)")
     ap.add_argument("--calib-dir", help="calibrate on every image of this folder instead (make_ft_carry.py --calib-originals)")
     a = ap.parse_args()
     dev = a.device
     det = load_detector("lowbit/assets/yolov10n.pt")
     det.net.to(dev)
     train = load_dataset(".carry/ft/train/images").subset(a.max_train)
-    held = load_dataset(".carry/ft/dev/annotations/instances_dev.json", ".carry/ft/dev/images")
-    calib_set = load_dataset(a.calib_dir) if a.calib_dir else train.subset(a.calib_images)
+    # absent when the carry trains on all 288 (make_ft_carry.py --train-on-held-out): no score is then held out
+    held = (load_dataset(".carry/ft/dev/annotations/instances_dev.json", ".carry/ft/dev/images")
+            if os.path.isdir(".carry/ft/dev") else None)
+    calib_set = load_dataset(a.calib_dir) if a.calib_dir else train.subset(a.calib_images, seed=a.calib_seed)
     calib = make_batches(calib_set, batch_size=8)
-    held_b = make_batches(held, batch_size=16)
+    held_b = make_batches(held, batch_size=16) if held else None
     log = open(f"{a.out}/finetune-log.jsonl", "a")
 
     def dev_map(net):
+        if held is None:
+            return None
         return evaluate(net, held, det.names, batch_size=16, device=dev, batches=held_b, progress=False).map50_95
 
-    print("FP32 dev mAP", round(dev_map(det.net), 4), flush=True)
+    if held is None and not a.save_all:
+        raise SystemExit("no held-out images in the carry (.carry/ft/dev) to choose the best variant by: pass --save-all")
+    print("FP32 dev mAP", _fmt(dev_map(det.net)), flush=True)
     for spec in a.schemes.split(","):
         t = time.perf_counter()
         if os.path.isdir(spec):  # a checkpoint this script returned: its fine-tune is the first stage of each chain
@@ -139,7 +162,7 @@ def main():
         ptq_s = time.perf_counter() - t
         prior = m.origin.get("finetune", {})
         before = dev_map(base)
-        print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {before:.4f}", flush=True)
+        print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {_fmt(before)}", flush=True)
         best = (before, "none")
         done = {}  # chain -> (its network, its stages' results), so "a>b" reuses a's run
         for name in a.variants.split(","):
@@ -158,22 +181,28 @@ def main():
             after = dev_map(net)
             rec = {"scheme": m.name, "variant": ">".join(filter(None, [prior.get("variant"), name])), "dev_before": before, "dev_after": after, **res.model_dump(),
                    "train_images": len(train), "calib_images": len(calib_set.images), "calib_dir": a.calib_dir,
+                   "calib_seed": None if a.calib_dir or len(calib_set.images) == len(train.images) else a.calib_seed,
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.first_loss:.4g} -> {res.last_loss:.4g}, "
-                  f"dev mAP {after:.4f} ({(after - before) * 100:+.2f})", flush=True)
+                  f"dev mAP {_fmt(after)}" + (f" ({(after - before) * 100:+.2f})" if held else ""), flush=True)
             tuned = m.model_copy(update={"origin": {**m.origin, "finetune": {
                 "variant": rec["variant"], "stages": prior.get("stages", []) + [variant(v).model_dump() for v in parts]}}})
             if a.save_all:
                 save_quantized(copy.deepcopy(net).cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}-{name.replace('>', '_')}")
-            if after > best[0]:
+            if held and after > best[0]:
                 best = (after, name)
                 # saved at once, so a run cut off by the device's time limit still returns its best so far
                 # (--save-all saved it above; a second copy would take one of the few files a run returns)
                 if not a.save_all:
                     save_quantized(net.cpu(), tuned, f"{a.out}/{m.name.replace('.', '_')}")  # net is not run again
-        print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
+        if held:
+            print(f"{m.name}: kept {best[1]} (dev mAP {best[0]:.4f})", flush=True)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 if __name__ == "__main__":

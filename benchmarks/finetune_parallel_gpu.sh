@@ -2,12 +2,13 @@
 # Several fine-tuning runs side by side on the one lent GPU (docs/results.md, section 7): YOLOv10n's
 # block-wise AdaRound leaves an H100 room for more than one run. Measured on the H100 (2026-11-27), each
 # run's own time: MSE + Fisher AdaRound alone 157 s; two at once 164-168 s each (with learned steps), three
-# 173-178 s, five 208-223 s; seven did not finish within 350 s. So a five-seed study takes the time of about
-# one and a half runs. Times measured this way are not solo times: benchmarks/finetune_gpu.sh gives those.
+# 173-178 s, five 208-223 s. So a five-seed study takes the time of about one and a half runs. Seven at once
+# ran too (500-step W4A16 runs, 98-129 s each), once ModelOpt's precompile() was out of the call. Times
+# measured this way are not solo times: benchmarks/finetune_gpu.sh gives those.
 #
 #   bash benchmarks/finetune_parallel_gpu.sh <deadline s> "<finetune_gpu.py args>" ["<args>" ...]
 #
-# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/<scheme>-<variant>.tar.xz,
+# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/run<i>-<scheme>-<variant>.tar.xz,
 # logs in $OUT/finetune-log.jsonl; a run still going <deadline> seconds after this script started (setup
 # included) is stopped, so the ones that finished come back even when the device's time limit is near.
 set -uo pipefail
@@ -36,7 +37,8 @@ cat $OUT/gpu-util.txt
 cat $OUT/run*/finetune-log.jsonl > $OUT/finetune-log.jsonl 2>/dev/null
 for i in $(seq 1 $#); do
   echo "== run$i: ${!i}"; grep -v -i warn $OUT/run$i/stdout.txt | tail -5
-  for d in $OUT/run$i/*/; do [ -d "$d" ] && tar -C "$d/.." -cJf "$OUT/$(basename "$d").tar.xz" "$(basename "$d")"; done
+  # run<i>- in front: runs of one variant that differ only in other arguments (the calibration) would collide
+  for d in $OUT/run$i/*/; do [ -d "$d" ] && tar -C "$d/.." -cJf "$OUT/run$i-$(basename "$d").tar.xz" "$(basename "$d")"; done
   rm -rf $OUT/run$i
 done
 rm -f $OUT/gpu-util.txt

@@ -29,7 +29,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("manifests", nargs="*")
 ap.add_argument("--quality", type=int, default=None, help="re-encode the training JPEGs at this quality; take all")
 ap.add_argument("--train-on-held-out", action="store_true",
-                help="once a recipe is chosen: train on all 288 (the held-out 32 too; their scores are then not held out)")
+                help="once a recipe is chosen: train on all 288 (the held-out 32 too, so none is carried as held out)")
 ap.add_argument("--calib-originals", type=int, default=0, metavar="N",
                 help="also carry the N default GPTQ calibration images unaltered, in .carry/ft/calib/images")
 a = ap.parse_args()
@@ -45,7 +45,8 @@ for im in (held + rest if a.train_on_held_out else rest):
     train.append(im)
     total += size
 shutil.rmtree(DST, ignore_errors=True)
-for name, sel in [("train", train), ("dev", held)]:
+# trained on, the 32 would score nothing held out: left behind, which also leaves room in the carry for --calib-originals
+for name, sel in [("train", train)] + ([] if a.train_on_held_out else [("dev", held)]):
     os.makedirs(f"{DST}/{name}/images")
     os.makedirs(f"{DST}/{name}/annotations")
     ids = {im["id"] for im in sel}
@@ -74,4 +75,4 @@ for path in a.manifests:
         m["model"] = "lowbit/assets/yolov10n.pt"
         json.dump(m, open(f"{DST}/schemes/{WANT[m['name']]}.json", "w"))
 total = sum(os.path.getsize(f"{DST}/train/images/{im['file_name']}") for im in train)
-print(f"{len(train)} training images ({total / 1e6:.1f} MB), {len(held)} held out")
+print(f"{len(train)} training images ({total / 1e6:.1f} MB), {0 if a.train_on_held_out else len(held)} held out")
