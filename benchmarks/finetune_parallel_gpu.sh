@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/finetune_parallel_gpu.sh <deadline s> "<finetune_gpu.py args>" ["<args>" ...]
 #
-# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/run<i>-<scheme>-<variant>.tar.xz,
+# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/run<i>.tar.xz (folders <scheme>-<variant>),
 # logs in $OUT/finetune-log.jsonl; a run still going <deadline> seconds after this script started (setup
 # included) is stopped, so the ones that finished come back even when the device's time limit is near.
 set -uo pipefail
@@ -37,8 +37,10 @@ cat $OUT/gpu-util.txt
 cat $OUT/run*/finetune-log.jsonl > $OUT/finetune-log.jsonl 2>/dev/null
 for i in $(seq 1 $#); do
   echo "== run$i: ${!i}"; grep -v -i warn $OUT/run$i/stdout.txt | tail -5
-  # run<i>- in front: runs of one variant that differ only in other arguments (the calibration) would collide
-  for d in $OUT/run$i/*/; do [ -d "$d" ] && tar -C "$d/.." -cJf "$OUT/run$i-$(basename "$d").tar.xz" "$(basename "$d")"; done
+  # one file per run, whatever it saved (--save-ptq adds its start): runs of one variant that differ only in
+  # other arguments (the calibration) would collide by name, and the device returns 8 files at most
+  dirs=$(cd $OUT/run$i && ls -d */ 2>/dev/null)
+  [ -n "$dirs" ] && (cd $OUT/run$i && XZ_OPT=-T0 tar -cJf "$OUT/run$i.tar.xz" $dirs)
   rm -rf $OUT/run$i
 done
 rm -f $OUT/gpu-util.txt

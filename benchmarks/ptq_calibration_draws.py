@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/ptq_calibration_draws.py .carry/ft/schemes/budget-5.6.json \
         --calib .carry/ft/train/images ../shared/assets/coco-calib-train/images --seeds 0 1 2 3 \
-        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json
+        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json [--clips gptq gptaq]
 
 Each folder is drawn from as lowbit draws everywhere (`Dataset.subset(n, seed)`); `--seeds all` calibrates
 on every image of the folder. The scheme is a manifest or a format name (W4A16). Only measures: nothing is
@@ -13,12 +13,14 @@ chosen on the evaluation images.
 import argparse
 import time
 
+import torch
+
 from lowbit.data.datasets import load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.evaluate.coco import evaluate
 from lowbit.io import write_json
 from lowbit.models.ultralytics import load_detector
-from lowbit.quantize.apply import apply_manifest
+from lowbit.quantize.apply import apply_manifest, save_quantized
 from lowbit.quantize.manifest import Manifest
 
 
@@ -28,26 +30,39 @@ def main():
     ap.add_argument("--calib", nargs="+", required=True, help="calibration image folders")
     ap.add_argument("--seeds", nargs="+", default=["0"], help="draw seeds, or 'all' for the whole folder")
     ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--data", required=True, help="labelled evaluation set")
+    ap.add_argument("--clips", nargs="+", default=[None],
+                    help="weight rounding methods to compare (gptq, gptq-seq, gptaq, ...); default: the scheme's own")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", help="labelled evaluation set (without it, only --save)")
+    ap.add_argument("--save", help="also save each quantized model here (<clip>-<seed>), e.g. to score elsewhere")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     det = load_detector("lowbit/assets/yolov10n.pt")
-    val = load_dataset(a.data)
-    val_b = make_batches(val, batch_size=8)
+    det.net.to(a.device)
+    val = load_dataset(a.data) if a.data else None
+    val_b = make_batches(val, batch_size=8) if val else None
     rows = []
     for folder in a.calib:
         pool = load_dataset(folder)
         for seed in a.seeds:
             calib = pool if seed == "all" else pool.subset(a.images, seed=int(seed))
-            m = (Manifest.load(a.scheme) if a.scheme.endswith(".json")
-                 else Manifest.uniform(det.source, det.layers(), a.scheme))
-            m.model = det.source
-            t = time.perf_counter()
-            net = apply_manifest(det, m, make_batches(calib, batch_size=8))
-            r = evaluate(net, val, det.names, batch_size=8, batches=val_b, progress=False).map50_95
-            rows.append({"calib": folder, "seed": seed, "images": len(calib.images), "map50_95": r,
-                         "seconds": round(time.perf_counter() - t, 1)})
-            print(f"{folder} seed {seed} ({len(calib.images)} images): {r:.4f}", flush=True)
+            for clip in a.clips:
+                m = (Manifest.load(a.scheme) if a.scheme.endswith(".json")
+                     else Manifest.uniform(det.source, det.layers(), a.scheme))
+                m.model = det.source
+                m.weight_clip = clip or m.weight_clip
+                t = time.perf_counter()
+                net = apply_manifest(det, m, make_batches(calib, batch_size=8))
+                ptq_s = time.perf_counter() - t
+                if a.save:
+                    save_quantized(net.cpu(), m, f"{a.save}/{m.weight_clip}-{seed}")
+                    net.to(a.device)
+                r = evaluate(net, val, det.names, batch_size=8, device=a.device, batches=val_b,
+                             progress=False).map50_95 if val else None
+                rows.append({"calib": folder, "seed": seed, "images": len(calib.images), "clip": m.weight_clip,
+                             "map50_95": r, "ptq_seconds": round(ptq_s, 1), "device": a.device})
+                print(f"{folder} seed {seed} ({len(calib.images)} images) {m.weight_clip}: {r} "
+                      f"(PTQ {ptq_s:.0f} s)", flush=True)
             write_json(a.out, {"scheme": m.name, "data": a.data, "rows": rows})  # each row kept as it comes
 
 

@@ -116,7 +116,7 @@ def quantize(model: str = MODEL,
              calib_images: Optional[int] = typer.Option(64, help="calibration subset size"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
-             clip: str = typer.Option("gptq", help="integer weight rounding: gptq, output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
+             clip: str = typer.Option("gptq", help="integer weight rounding: gptq, gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
              device: str = "cpu", out: Optional[Path] = OUT):
     """Uniform PTQ through ModelOpt: save a checkpoint per format, evaluate each beside FP32."""
     from lowbit.api import QuantizeConfig, run_quantize

@@ -109,3 +109,47 @@ def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batc
 
     assert torch.allclose(_fake_quant(gq, amax[:, None], 4), gq, atol=1e-6)  # on ModelOpt's grid
     assert out_err(gq) < 0.8 * out_err(plain), (out_err(gq), out_err(plain))
+
+
+
+
+@pytest.fixture(scope="module")
+def sequential_w4(assets):
+    """YOLOv10n at 96 px, W4A16 by gptq-seq on 4 calibration images: (float detector, its state before, net, batches)."""
+    from lowbit.data.datasets import load_dataset
+    from lowbit.data.loader import make_batches
+    from lowbit.models.ultralytics import load_detector
+
+    det = load_detector(assets["model"], imgsz=96)
+    batches = make_batches(load_dataset(assets["calib"]).subset(4), 96, 2)
+    before = {k: v.clone() for k, v in det.net.state_dict().items()}
+    net = apply_manifest(det, Manifest.uniform(det.source, det.layers(), "W4A16", weight_clip="gptq-seq", imgsz=96),
+                         batches)
+    return det, before, net, batches
+
+
+@pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.23.cv3.2.2"])  # deep in the backbone; the head's last
+def test_sequential_gptq_rounds_each_layer_on_the_quantized_networks_own_inputs(sequential_w4, name):
+    """gptq-seq: a layer's weights are exactly GPTQ of its float weights on the inputs it receives inside the
+    finished quantized network (every layer before it already rounded), not on the float network's inputs;
+    they stay on ModelOpt's grid, and the float model is left untouched."""
+    from lowbit.quantize.gptq import gptq_weight
+    from lowbit.quantize.refine import patches
+
+    det, before, net, batches = sequential_w4
+    assert all(torch.equal(v, det.net.state_dict()[k]) for k, v in before.items())
+
+    def gram(model):
+        cols: list = []
+        hook = model.get_submodule(name).register_forward_hook(lambda m, i, o: cols.append(patches(m, i[0])))
+        with torch.no_grad():
+            for b in batches:
+                model(b.images)
+        hook.remove()
+        return sum((p @ p.transpose(1, 2)).double() for p in cols) / sum(p.shape[-1] for p in cols)
+
+    mod, w = net.get_submodule(name), det.net.get_submodule(name).weight
+    amax = mod.weight_quantizer.amax.reshape(-1)
+    assert torch.allclose(mod.weight_quantizer(mod.weight), mod.weight, atol=1e-6)  # on ModelOpt's grid
+    assert torch.allclose(gptq_weight(w, gram(net), amax, 4), mod.weight, atol=1e-6)
+    assert not torch.allclose(gptq_weight(w, gram(det.net), amax, 4), mod.weight, atol=1e-6)

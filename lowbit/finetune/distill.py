@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from lowbit.data.loader import Batch
 from lowbit.errors import LowbitError
 from lowbit.finetune.fisher import block_fisher, weighted_nmse
+from lowbit.models.ultralytics import block_input
 
 
 class FinetuneConfig(BaseModel):
@@ -383,12 +384,6 @@ def _mean_tail(v: list[float]) -> float:
     return float(sum(v[-n:]) / n)
 
 
-def _route(m, x, ys):
-    if m.f == -1:
-        return x
-    return ys[m.f] if isinstance(m.f, int) else [x if j == -1 else ys[j] for j in m.f]
-
-
 def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tuple[int, float, float]:
     """Per-block output matching. Each block's inputs come from the already-tuned quantized prefix (so a
     block also learns to absorb the error that reaches it); its target is the teacher's block output.
@@ -416,8 +411,8 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
         for k in track(range(len(s_blocks)), f"block reconstruction ({len(s_blocks)} blocks)", enabled=progress):
             ms, mt = s_blocks[k], t_blocks[k]
             with torch.no_grad():
-                ins = [_route(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
-                targets = [mt(_route(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
+                ins = [block_input(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
+                targets = [mt(block_input(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
             weights = None
             if cfg.block_loss != "mse" and k < len(s_blocks) - 1 and any(_is_quantized(m) for m in ms.modules()):
                 weights = [block_fisher(lambda y, i=i: _head(_run_from(t_blocks, k, y, ys_t[i])), targets[i], reg_max,
@@ -477,7 +472,7 @@ def _run_from(blocks, k: int, y: torch.Tensor, ys_before: list):
     """The output of the last of `blocks` when block k's output is `y` (earlier outputs from `ys_before`)."""
     ys = list(ys_before) + [y]
     for m in blocks[k + 1:]:
-        y = m(_route(m, y, ys))
+        y = m(block_input(m, y, ys))
         ys.append(y)
     return y
 

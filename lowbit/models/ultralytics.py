@@ -109,6 +109,14 @@ def list_layers(net: torch.nn.Module, imgsz: int = 640) -> list[LayerInfo]:
     return layers
 
 
+def block_input(block: torch.nn.Module, x, outputs: list):
+    """What an Ultralytics block reads: the previous output `x`, or earlier blocks' `outputs` (its `f`),
+    as DetectionModel._predict_once routes them; for code that runs a network block by block."""
+    if block.f == -1:
+        return x
+    return outputs[block.f] if isinstance(block.f, int) else [x if j == -1 else outputs[j] for j in block.f]
+
+
 def _prepare(net: torch.nn.Module) -> torch.nn.Module:
     net = net.float().eval()
     for mod in net.modules():

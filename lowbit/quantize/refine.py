@@ -19,19 +19,23 @@ RATIOS = torch.linspace(0.5, 1.0, 26)
 MAX_COLUMNS_PER_BATCH = 4096  # patches sampled per batch for H: unbiased, and bounded in memory
 
 
+def patches(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as the columns its weight multiplies: [groups, in/groups * kh * kw, positions]."""
+    x = x.detach().float()
+    if isinstance(mod, torch.nn.Conv2d):
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # [B, Cin*k*k, L]
+        g = mod.groups
+        return cols.view(x.shape[0], g, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(g, -1, x.shape[0] * cols.shape[-1])
+    return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, in, N]
+
+
 class _Gram:
     def __init__(self):
         self.h: torch.Tensor | None = None
         self.n = 0
 
     def __call__(self, mod, inputs, output):
-        x = inputs[0].detach().float()
-        if isinstance(mod, torch.nn.Conv2d):
-            cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # [B, Cin*k*k, L]
-            g = mod.groups
-            cols = cols.view(x.shape[0], g, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(g, -1, x.shape[0] * cols.shape[-1])
-        else:
-            cols = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, in, N]
+        cols = patches(mod, inputs[0])
         if cols.shape[-1] > MAX_COLUMNS_PER_BATCH:
             idx = torch.randperm(cols.shape[-1], generator=torch.Generator().manual_seed(0))[:MAX_COLUMNS_PER_BATCH]
             cols = cols[..., idx.to(cols.device)]
@@ -67,7 +71,8 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     """Refine every integer per-channel / per-tensor weight quantizer of `qnet` from calibration inputs.
 
     method: "output" re-sets each channel's amax by the layer's output error; "gptq" keeps the
-    calibrated amax and GPTQ-rounds the weights; "output+gptq" does both.
+    calibrated amax and GPTQ-rounds the weights; "output+gptq" does both; "gptq-seq" and "gptaq" GPTQ-round
+    layer by layer on the quantized network's own inputs (lowbit.quantize.sequential).
 
     `gram_cache` (a dict the caller keeps) holds each layer's input Gram matrix across calls: it
     depends only on the float model and the calibration images, not on the scheme.
@@ -75,6 +80,12 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     targets = {n: f for n, f in assign.items()
                if f.weight is not None and f.weight.dtype in ("int4", "int8") and f.weight.granularity != "block"}
     if not targets:
+        return {}
+    if method in ("gptq-seq", "gptq-seq-bias", "gptaq"):
+        from lowbit.quantize.sequential import refine_sequential
+
+        refine_sequential(qnet, float_net, targets, calib_batches, asymmetric=method == "gptaq",
+                          bias_correction=method == "gptq-seq-bias")
         return {}
     grams = gram_cache if gram_cache is not None else {}
     missing = {n: _Gram() for n in targets if n not in grams}
