@@ -129,7 +129,7 @@ def main():
     ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
     ap.add_argument("--calib-seed", type=int, default=0, help="which draw of --calib-images (Dataset.subset's seed)")
     ap.add_argument("--calib-dir", help="calibrate on every image of this folder instead (make_ft_carry.py --calib-originals)")
-    ap.add_argument("--clip", help="integer weight rounding before fine-tuning (gptq, gptq-seq, gptaq, ...); default: the scheme's")
+    ap.add_argument("--clip", help="integer weight rounding before fine-tuning (gptq, gptq-seq, ...); default: the scheme's")
     ap.add_argument("--save-ptq", action="store_true", help="also return the PTQ start as <scheme>-ptq")
     a = ap.parse_args()
     dev = a.device

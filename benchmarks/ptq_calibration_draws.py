@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/ptq_calibration_draws.py .carry/ft/schemes/budget-5.6.json \
         --calib .carry/ft/train/images ../shared/assets/coco-calib-train/images --seeds 0 1 2 3 \
-        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json [--clips gptq gptaq]
+        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json [--clips gptq gptq-seq]
 
 Each folder is drawn from as lowbit draws everywhere (`Dataset.subset(n, seed)`); `--seeds all` calibrates
 on every image of the folder. The scheme is a manifest or a format name (W4A16). Only measures: nothing is
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--seeds", nargs="+", default=["0"], help="draw seeds, or 'all' for the whole folder")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--clips", nargs="+", default=[None],
-                    help="weight rounding methods to compare (gptq, gptq-seq, gptaq, ...); default: the scheme's own")
+                    help="weight rounding methods to compare (gptq, gptq-seq, ...); default: the scheme's own")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", help="labelled evaluation set (without it, only --save)")
     ap.add_argument("--save", help="also save each quantized model here (<clip>-<seed>), e.g. to score elsewhere")

@@ -14,9 +14,9 @@ from lowbit.io import read_json, write_json
 from lowbit.models.ultralytics import LayerInfo
 
 # How integer weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel
-# clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both; "gptq-seq" / "gptaq" =
-# GPTQ layer by layer on the quantized network's inputs (lowbit.quantize.sequential).
-WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq", "gptq-seq-bias", "gptaq"]
+# clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both; "gptq-seq" = GPTQ
+# layer by layer on the quantized network's own inputs (lowbit.quantize.sequential).
+WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq"]
 
 
 class SchemeStats(BaseModel):

@@ -71,8 +71,8 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     """Refine every integer per-channel / per-tensor weight quantizer of `qnet` from calibration inputs.
 
     method: "output" re-sets each channel's amax by the layer's output error; "gptq" keeps the
-    calibrated amax and GPTQ-rounds the weights; "output+gptq" does both; "gptq-seq" and "gptaq" GPTQ-round
-    layer by layer on the quantized network's own inputs (lowbit.quantize.sequential).
+    calibrated amax and GPTQ-rounds the weights; "output+gptq" does both; "gptq-seq" GPTQ-rounds layer by
+    layer on the quantized network's own inputs (lowbit.quantize.sequential).
 
     `gram_cache` (a dict the caller keeps) holds each layer's input Gram matrix across calls: it
     depends only on the float model and the calibration images, not on the scheme.
@@ -81,11 +81,10 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
                if f.weight is not None and f.weight.dtype in ("int4", "int8") and f.weight.granularity != "block"}
     if not targets:
         return {}
-    if method in ("gptq-seq", "gptq-seq-bias", "gptaq"):
+    if method == "gptq-seq":
         from lowbit.quantize.sequential import refine_sequential
 
-        refine_sequential(qnet, float_net, targets, calib_batches, asymmetric=method == "gptaq",
-                          bias_correction=method == "gptq-seq-bias")
+        refine_sequential(qnet, float_net, targets, calib_batches)
         return {}
     grams = gram_cache if gram_cache is not None else {}
     missing = {n: _Gram() for n in targets if n not in grams}
