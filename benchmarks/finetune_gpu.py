@@ -100,11 +100,6 @@ VARIANTS = {
     # (bias correction), at the steps' learning rate
     "adaround-1000-lr1e-2-step1e-3-bias": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                          learn_scales=True, round_bias=True, lr=1e-3),
-    # QDrop: each block input element from the float network with probability 0.5
-    "adaround-500-lr1e-2-step1e-3-drop": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_lr=1e-2,
-                                                        learn_scales=True, lr=1e-3, input_drop=0.5),
-    "adaround-1000-lr1e-2-msefisher-drop": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
-                                                          block_loss="mse+fisher", input_drop=0.5),
 }
 
 

@@ -246,8 +246,6 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
                                                         "by its label-free Fisher weight through the rest of the float "
                                                         "network) or mse+fisher"),
              batch: int = 8,
-             input_drop: float = typer.Option(0.0, help="each element of a block's input from the float network with this "
-                                                        "probability, else from the quantized prefix (QDrop; blocks, adaround)"),
              scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
              color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
              learn_scales: bool = typer.Option(False, help="learn integer weight scales as well (LSQ; with adaround, the step of the rounded integers)"),
@@ -262,8 +260,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
     from lowbit.finetune.distill import FinetuneConfig
 
     ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
-                        round_weight=round_weight, round_bias=round_bias, block_loss=block_loss, batch=batch,
-                        input_drop=input_drop, learn_scales=learn_scales, feature_weight=feature_weight,
+                        round_weight=round_weight, round_bias=round_bias, block_loss=block_loss, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
                         label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
                         mosaic=mosaic, seed=seed)
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),

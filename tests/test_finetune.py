@@ -102,35 +102,9 @@ def test_mosaic_quadrants_are_crops_of_training_images():
     assert len(used) == 6  # drawn from the whole pool, not one batch
 
 
-def test_fisher_block_loss_and_input_drop_are_refused_outside_block_modes(small, batches, w4):
+def test_fisher_block_loss_is_refused_outside_block_modes(small, batches, w4):
     with pytest.raises(LowbitError, match="block_loss 'fisher'.*needs mode blocks or adaround"):
         finetune(copy.deepcopy(w4[1]), small.net, batches, FinetuneConfig(block_loss="fisher"), progress=False)
-    with pytest.raises(LowbitError, match="input_drop.*needs mode blocks or adaround"):
-        finetune(copy.deepcopy(w4[1]), small.net, batches, FinetuneConfig(input_drop=0.5), progress=False)
-
-
-def test_input_drop_mixes_float_and_quantized_block_inputs_element_by_element():
-    from lowbit.finetune.distill import mix_inputs
-
-    q, f = torch.zeros(4, 8, 16, 16), torch.ones(4, 8, 16, 16)
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(mix_inputs(q, f, 0.0, gen), q)
-    assert torch.equal(mix_inputs(q, f, 1.0, gen), f)
-    m = mix_inputs(q, f, 0.25, gen)
-    assert abs(float(m.mean()) - 0.25) < 0.02  # float elements at the asked rate, not whole tensors
-    assert float(m[0].mean()) not in (0.0, 1.0)
-    a, b = mix_inputs([q, 2 * f], [f, 3 * f], 0.5, gen)  # a Concat block's inputs: each tensor mixed with its twin
-    assert set(a.unique().tolist()) == {0.0, 1.0} and set(b.unique().tolist()) == {2.0, 3.0}
-
-
-def test_input_drop_changes_what_block_reconstruction_learns(small, batches, w4):
-    cfg = FinetuneConfig(mode="adaround", block_steps=12, round_lr=1e-2, round_start="nearest")
-    plain, dropped = copy.deepcopy(w4[1]), copy.deepcopy(w4[1])
-    finetune(plain, small.net, batches, cfg, progress=False)
-    finetune(dropped, small.net, batches, cfg.model_copy(update={"input_drop": 1.0}), progress=False)
-    x = batches[0].images
-    with torch.no_grad():
-        assert not torch.equal(plain(x)[0], dropped(x)[0])  # later blocks trained on other inputs
 
 
 def test_mosaic_adds_training_steps_and_refuses_labels(small, batches, w4):

@@ -68,11 +68,6 @@ class FinetuneConfig(BaseModel):
     # training example. 160 images overfit within a few hundred steps without it.
     flip: bool = True  # horizontal flips ("distill", "adaround-global")
     flip_copies: bool = False  # "blocks", "adaround": reconstruct on a flipped copy of every image too
-    # "blocks", "adaround": each element of a block's input comes from the float network with this probability,
-    # else from the quantized prefix (QDrop, Wei et al. 2022: the mixed input flattens the block's loss around
-    # what the prefix will feed it, for images not trained on; with weights alone quantized the prefix's
-    # accumulated error is the only input noise there is to drop)
-    input_drop: float = Field(0.0, ge=0.0, le=1.0)
     scale_jitter: float = 0.0  # zoom by a factor in [1 - j, 1 + j], randomly placed, gray (114) padding
     color_jitter: float = 0.0  # brightness and contrast by a factor in [1 - j, 1 + j]
     # that many extra training images (every mode), each a 2x2 mosaic of four random training images at 0.5-1x
@@ -200,8 +195,6 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, batches, cfg: F
         raise LowbitError("fine-tuning needs calibration images (none were given)")
     if cfg.block_loss != "mse" and cfg.mode not in ("blocks", "adaround"):
         raise LowbitError(f"block_loss {cfg.block_loss!r} weighs block outputs: it needs mode blocks or adaround, not {cfg.mode}")
-    if cfg.input_drop and cfg.mode not in ("blocks", "adaround"):
-        raise LowbitError(f"input_drop mixes block inputs: it needs mode blocks or adaround, not {cfg.mode}")
     if cfg.mosaic and cfg.label_weight:
         raise LowbitError("mosaic images have no labels: use mosaic or label_weight, not both")
     torch.manual_seed(cfg.seed)
@@ -413,17 +406,13 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
     scales = _LearnedScales(student) if cfg.learn_scales and cfg.mode == "blocks" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     fisher_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    drop_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     total, first, last = 0, [], []
     try:
         for k in track(range(len(s_blocks)), f"block reconstruction ({len(s_blocks)} blocks)", enabled=progress):
             ms, mt = s_blocks[k], t_blocks[k]
             with torch.no_grad():
                 ins = [block_input(ms, xs_s[i], ys_s[i]) for i in range(len(batches))]
-                t_ins = [block_input(mt, xs_t[i], ys_t[i]) for i in range(len(batches))]
-                targets = [mt(x) for x in t_ins]
-            if not cfg.input_drop:
-                t_ins = None
+                targets = [mt(block_input(mt, xs_t[i], ys_t[i])) for i in range(len(batches))]
             weights = None
             if cfg.block_loss != "mse" and k < len(s_blocks) - 1 and any(_is_quantized(m) for m in ms.modules()):
                 weights = [block_fisher(lambda y, i=i: _head(_run_from(t_blocks, k, y, ys_t[i])), targets[i], reg_max,
@@ -444,7 +433,7 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
                 losses = []
                 for step in range(cfg.block_steps):
                     i = int(torch.randint(len(batches), (), generator=gen))
-                    out = ms(mix_inputs(ins[i], t_ins[i], cfg.input_drop, drop_gen) if t_ins else ins[i])
+                    out = ms(ins[i])
                     if k == len(s_blocks) - 1:
                         loss = head_loss(_head(out), _head(targets[i]), reg_max)
                     elif weights is None:
@@ -477,14 +466,6 @@ def _blocks(student, teacher, batches, cfg: FinetuneConfig, dev, progress) -> tu
         if scales:
             scales.finish()
     return total, float(sum(first)), float(sum(last))
-
-
-def mix_inputs(quantized, float_, p: float, gen: torch.Generator):
-    """Each element from `float_` with probability p, else from `quantized` (a tensor, or a block's list)."""
-    if isinstance(quantized, (list, tuple)):
-        return [mix_inputs(q, f, p, gen) for q, f in zip(quantized, float_)]
-    keep = torch.rand(quantized.shape, generator=gen, device=quantized.device) >= p
-    return torch.where(keep, quantized, float_)
 
 
 def _run_from(blocks, k: int, y: torch.Tensor, ys_before: list):
