@@ -100,6 +100,11 @@ VARIANTS = {
     # (bias correction), at the steps' learning rate
     "adaround-1000-lr1e-2-step1e-3-bias": FinetuneConfig(mode="adaround", block_steps=1000, batch=16, round_lr=1e-2,
                                                          learn_scales=True, round_bias=True, lr=1e-3),
+    # a flipped copy of every training image beside it: twice the inputs for the same steps
+    "adaround-500-lr1e-2-step1e-3-flip": FinetuneConfig(mode="adaround", block_steps=500, batch=16, round_lr=1e-2,
+                                                        learn_scales=True, lr=1e-3, flip_copies=True),
+    "adaround-750-lr1e-2-step1e-3-flip": FinetuneConfig(mode="adaround", block_steps=750, batch=16, round_lr=1e-2,
+                                                        learn_scales=True, lr=1e-3, flip_copies=True),
 }
 
 
