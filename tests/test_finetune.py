@@ -243,8 +243,8 @@ def test_fisher_weights_predict_the_head_loss_of_a_perturbed_block_output(small,
     """Gaussian noise of variance s^2 on block k's output raises head_loss by s^2/2 times the sum of the
     Fisher weights (its second-order expansion; head_loss is 0 with zero gradient at the teacher)."""
     from lowbit.finetune.distill import _run_from
-    from lowbit.models.ultralytics import block_input
     from lowbit.finetune.fisher import block_fisher
+    from lowbit.models.ultralytics import block_input
 
     blocks, reg_max = list(small.net.model), small.net.model[-1].reg_max
     x, ys = batches[0].images[:2], []

@@ -111,8 +111,6 @@ def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batc
     assert out_err(gq) < 0.8 * out_err(plain), (out_err(gq), out_err(plain))
 
 
-
-
 @pytest.fixture(scope="module")
 def sequential_w4(assets):
     """YOLOv10n at 96 px, W4A16 by gptq-seq on 4 calibration images: (float detector, its state before, net, batches)."""
