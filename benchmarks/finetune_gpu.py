@@ -135,6 +135,8 @@ def main():
     ap.add_argument("--calib-seed", type=int, default=0, help="which draw of --calib-images (Dataset.subset's seed)")
     ap.add_argument("--calib-dir", help="calibrate on every image of this folder instead (make_ft_carry.py --calib-originals)")
     ap.add_argument("--clip", help="integer weight rounding before fine-tuning (gptq, gptq-seq, ...); default: the scheme's")
+    ap.add_argument("--range", choices=["absmax", "full"],
+                    help="integer weight scales (Manifest.weight_range); default: the scheme's")
     ap.add_argument("--save-ptq", action="store_true", help="also return the PTQ start as <scheme>-ptq")
     a = ap.parse_args()
     dev = a.device
@@ -166,6 +168,7 @@ def main():
             m = Manifest.load(spec) if spec.endswith(".json") else Manifest.uniform(det.source, det.layers(), spec)
             m.model = det.source
             m.weight_clip = a.clip or m.weight_clip
+            m.weight_range = a.range or m.weight_range
             base = apply_manifest(det, m, calib)
             if a.save_ptq:
                 save_quantized(copy.deepcopy(base).cpu(), m, f"{a.out}/{m.name.replace('.', '_')}-ptq")
@@ -191,7 +194,7 @@ def main():
             after = dev_map(net)
             rec = {"scheme": m.name, "variant": ">".join(filter(None, [prior.get("variant"), name])), "dev_before": before, "dev_after": after, **res.model_dump(),
                    "train_images": len(train), "calib_images": len(calib_set.images), "calib_dir": a.calib_dir,
-                   "weight_clip": m.weight_clip,
+                   "weight_clip": m.weight_clip, "weight_range": m.weight_range,
                    "calib_seed": None if a.calib_dir or len(calib_set.images) == len(train.images) else a.calib_seed,
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")

@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/ptq_calibration_draws.py .carry/ft/schemes/budget-5.6.json \
         --calib .carry/ft/train/images ../shared/assets/coco-calib-train/images --seeds 0 1 2 3 \
-        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json [--clips gptq gptq-seq]
+        --data ../shared/assets/coco-val200/coco-val200.yaml --out docs/data/<name>.json [--clips gptq gptq-seq] \
+        [--range full]
 
 Each folder is drawn from as lowbit draws everywhere (`Dataset.subset(n, seed)`); `--seeds all` calibrates
 on every image of the folder. The scheme is a manifest or a format name (W4A16). Only measures: nothing is
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--clips", nargs="+", default=[None],
                     help="weight rounding methods to compare (gptq, gptq-seq, ...); default: the scheme's own")
+    ap.add_argument("--range", choices=["absmax", "full"], help="integer weight scales; default: the scheme's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", help="labelled evaluation set (without it, only --save)")
     ap.add_argument("--save", help="also save each quantized model here (<clip>-<seed>), e.g. to score elsewhere")
@@ -52,6 +54,7 @@ def main():
                      else Manifest.uniform(det.source, det.layers(), a.scheme))
                 m.model = det.source
                 m.weight_clip = clip or m.weight_clip
+                m.weight_range = a.range or m.weight_range
                 t = time.perf_counter()
                 net = apply_manifest(det, m, calib_b)
                 ptq_s = time.perf_counter() - t
@@ -61,6 +64,7 @@ def main():
                 r = evaluate(net, val, det.names, batch_size=8, device=a.device, batches=val_b,
                              progress=False).map50_95 if val else None
                 rows.append({"calib": folder, "seed": seed, "images": len(calib.images), "clip": m.weight_clip,
+                             "range": m.weight_range,
                              "map50_95": r, "ptq_seconds": round(ptq_s, 1), "device": a.device})
                 print(f"{folder} seed {seed} ({len(calib.images)} images) {m.weight_clip}: {r} "
                       f"(PTQ {ptq_s:.0f} s)", flush=True)

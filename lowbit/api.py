@@ -20,7 +20,7 @@ from lowbit.formats import parse_format
 from lowbit.io import RunDir
 from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
-from lowbit.quantize.manifest import Manifest, WeightRefine
+from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine
 
 
 class DataConfig(BaseModel):
@@ -52,6 +52,7 @@ class QuantizeConfig(BaseModel):
     eval_batch: int = 1
     algorithm: str = "max"
     weight_clip: WeightRefine = "gptq"  # "max": ModelOpt max calibration alone
+    weight_range: WeightRange = "full"  # integer weight scales: "absmax" = ModelOpt's, "full" also uses -2^(b-1)
     device: str = "cpu"
     save: bool = True
 
@@ -217,7 +218,8 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
             continue
         run.log.info("quantizing to %s", fmt.name)
         t = time.perf_counter()
-        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz)
+        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz,
+                                    cfg.weight_range)
         net = apply_manifest(det, manifest, calib_batches, grams)
         dt = time.perf_counter() - t
         ckpt = None
@@ -249,6 +251,7 @@ class SensitivityConfig(BaseModel):
     layers: list[str] | None = None  # glob patterns; default: every quantizable layer
     top_k: int = 10
     weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
+    weight_range: WeightRange = "full"  # and their integer scales (likewise)
 
 
 def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
@@ -263,7 +266,7 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
     formats = [parse_format(f) for f in cfg.formats]
     run = RunDir(out, "sensitivity")
     run.write_json("config.json", cfg)
-    options = {"weight_clip": cfg.weight_clip}
+    options = {"weight_clip": cfg.weight_clip, "weight_range": cfg.weight_range}
     if cfg.model.endswith(".onnx"):  # no PyTorch source: only the ONNX-native method applies
         from lowbit.export.onnx_native import load_graph
         from lowbit.sensitivity.onnx_node import onnx_layers

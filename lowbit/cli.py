@@ -18,6 +18,8 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
 OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
+RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
+                     "-min(w)/2^(b-1), so -2^(b-1) is used) or absmax (ModelOpt's max calibration alone)")
 
 
 def _data(path: str, images: Optional[str], max_images: Optional[int], seed: Optional[int]):
@@ -117,14 +119,14 @@ def quantize(model: str = MODEL,
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
              clip: str = typer.Option("gptq", help="integer weight rounding: gptq, gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
-             device: str = "cpu", out: Optional[Path] = OUT):
+             weight_range: str = RANGE, device: str = "cpu", out: Optional[Path] = OUT):
     """Uniform PTQ through ModelOpt: save a checkpoint per format, evaluate each beside FP32."""
     from lowbit.api import QuantizeConfig, run_quantize
 
     cfg = QuantizeConfig(model=model, formats=[f for f in formats.split(",") if f], imgsz=imgsz,
                          calib=_data(calib, None, calib_images, 0),
                          eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm,
-                         weight_clip=clip, device=device)
+                         weight_clip=clip, weight_range=weight_range, device=device)
     console.print(_table(run_quantize(cfg, out)))
 
 
@@ -137,13 +139,14 @@ def sensitivity(model: str = MODEL,
                 batch: int = 8, imgsz: int = 640, device: str = "cpu",
                 layers: Optional[str] = typer.Option(None, help="comma list of layer-name globs to score"),
                 clip: str = typer.Option("gptq", help="integer weight rounding of probed layers: gptq, output, output+gptq or max"),
-                out: Optional[Path] = OUT):
+                weight_range: str = RANGE, out: Optional[Path] = OUT):
     """Per-layer sensitivity: one report (JSON, Markdown, PNG) per method; re-run with the same --out to resume."""
     from lowbit.api import SensitivityConfig, run_sensitivity
 
     cfg = SensitivityConfig(model=model, calib=_data(calib, None, images, 0), methods=method.split(","),
                             formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
-                            layers=layers.split(",") if layers else None, weight_clip=clip)
+                            layers=layers.split(",") if layers else None, weight_clip=clip,
+                            weight_range=weight_range)
     reports = run_sensitivity(cfg, out)
     for name, rep in reports.items():
         t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")

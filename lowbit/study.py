@@ -21,7 +21,7 @@ from lowbit.finetune.distill import FinetuneConfig, finetune
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest, save_quantized
-from lowbit.quantize.manifest import Manifest, WeightRefine
+from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine
 from lowbit.search import allocate
 from lowbit.sensitivity.base import fingerprint
 from lowbit.sensitivity.report import SensitivityReport
@@ -72,6 +72,7 @@ class StudyConfig(BaseModel):
     schemes: list[str] = Field(default_factory=list)  # extra manifest files to evaluate
     max_drop_points: list[float] = Field(default_factory=lambda: [1.0, 2.0])
     weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
+    weight_range: WeightRange = "full"  # integer weight scales for every scheme: "absmax" = ModelOpt's
     export_onnx: bool = True  # Q/DQ ONNX of the recommended scheme, checked with ONNX Runtime
     # batch-1 latency of every scheme's Q/DQ ONNX on every runtime present, beside its mAP (one export each)
     speed: bool = False
@@ -207,8 +208,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
 
     baseline = evaluate_scheme(None)
     baseline.manifest.stats = Manifest.uniform(cfg.model, det.layers(), "FP16").stats
-    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip, imgsz=cfg.imgsz)
-                                 for f in cfg.uniform]
+    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip,
+                                                  imgsz=cfg.imgsz, weight_range=cfg.weight_range) for f in cfg.uniform]
 
     reports: dict[str, SensitivityReport] = {}
     sens_dir = None
@@ -218,7 +219,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         methods = list(dict.fromkeys(s.method for s in searches))
         spec = cfg.sensitivity or SensitivitySpec(methods=methods, formats=formats)
         scfg = SensitivityConfig(model=cfg.model, calib=cfg.calib, imgsz=cfg.imgsz, device=cfg.device,
-                                 weight_clip=cfg.weight_clip, **spec.model_dump())
+                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range, **spec.model_dump())
         st = Stage(run.path, "sensitivity", scfg.model_dump(mode="json"), data_key)
         sens_dir = st.path if "gradient" in scfg.methods else None
         if st.done:
@@ -256,7 +257,7 @@ def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, 
             raise LowbitError(f"search.latency_table {s.latency_table}: file not found (make it with `lowbit latency-table`)")
         table = read_json(s.latency_table)
     p = allocate.Problem(reports[s.method], s.formats, s.allow_fp16, s.cost, table.get("layers"), weight_clip=cfg.weight_clip,
-                         switch_ms=table.get("switch_ms"), edges=table.get("edges"))
+                         weight_range=cfg.weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges"))
     searched = [allocate.budget(p, b) for b in s.budgets]
     searched += [allocate.top_k(p, k, s.topk_low, s.topk_high) for k in s.topk]
     searched += allocate.pareto(p, s.pareto_points) if s.pareto_points else []

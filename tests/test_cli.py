@@ -69,7 +69,8 @@ def test_compare_pairs_the_runs_and_names_a_bad_one(tmp_path, assets, capsys):
     """Two evaluations of one model differ by exactly 0 on every half of the images (the halves are shared); the
     gap of collapsed INT4 (ModelOpt's max calibration alone) is resolved; runs that cannot be paired are
     refused, naming the run."""
-    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W4A16", "--clip", "max", "--calib", assets["calib"],
+    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W4A16", "--clip", "max", "--range", "absmax",
+                            "--calib", assets["calib"],
                             "--calib-images", "4", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     runs = {}

@@ -34,6 +34,8 @@ def test_weight_only_mixed_int4_int8_matches_pytorch(tmp_path, tiny, tiny_batche
     assert model.opset_import[0].version == 21
     w4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert len(w4) == info.weight_dtypes["int4"] > 0 and info.weight_dtypes["int8"] > 0
+    # full-range scales (the default) store -8 where a channel's negative extreme dominates
+    assert m.weight_range == "full" and min(int(onnx.numpy_helper.to_array(i).min()) for i in w4) == -8
     assert info.parity_max_abs < 1e-3 * max(1.0, float(np.abs(q(tiny_batches[0].images)[0].numpy()).max()))
     assert not info.tensorrt_buildable and "INT4" in info.tensorrt_reason
 
@@ -131,6 +133,15 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     w8 = quantize_onnx(src, m, tmp_path / "w8.onnx")
     out = OrtRunner(w8.path)(x)
     assert w8.weight_dtypes == {"int8": 82} and torch.allclose(out, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+    # full-range INT4 scales (the default): the same codes as the PyTorch path's
+    w4m = uniform_manifest(float_model, str(src), "W4A16")
+    native = quantize_onnx(src, w4m, tmp_path / "w4n.onnx")
+    via_torch = export_qdq_onnx(tiny.net, apply_manifest(tiny, w4m, tiny_batches), w4m, tmp_path / "w4t.onnx")
+    codes = [{i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(e.path).graph.initializer
+              if i.data_type == onnx.TensorProto.INT4} for e in (native, via_torch)]
+    assert codes[0].keys() == codes[1].keys() and len(codes[0]) == 82
+    assert all(np.array_equal(codes[0][k], codes[1][k]) for k in codes[0])
+    assert min(int(c.min()) for c in codes[0].values()) == -8
     a8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "a8.onnx",
                        calib_images=tiny_batches[0].images.numpy())
     assert a8.activation_qdq == 82 and torch.isfinite(OrtRunner(a8.path)(x)).all()

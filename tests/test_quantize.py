@@ -75,12 +75,65 @@ def test_manifest_errors_name_the_layer(tmp_path, tiny, tiny_calib):
         load_quantized(tmp_path)
 
 
+def test_manifests_written_before_full_range_scales_load_as_made(tmp_path, tiny):
+    import json
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W4A16")
+    assert m.weight_range == "full"
+    assert Manifest.load(m.save(tmp_path / "new.json")).weight_range == "full"
+    old = m.model_dump(mode="json")
+    del old["weight_range"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Manifest.load(tmp_path / "old.json").weight_range == "absmax"
+
+
 def test_stats(tiny):
     layers = tiny.layers()
     w4 = Manifest.uniform("t", layers, "W4A16").stats
     assert w4.effective_weight_bits == 4 and w4.int4_share == 1 and w4.mean_act_bits == 16
     half = Manifest(name="h", model="t", layers={layers[0].name: Format(name="FP16")})
     assert half.layers[layers[0].name].is_float
+
+
+@pytest.mark.parametrize("fmt", ["W4A16", "W4A16:pt", "W8A16"])
+def test_full_range_scales_reach_the_negative_level_and_clip_no_weight(tiny, tiny_calib, fmt):
+    """ModelOpt's max calibration leaves -2^(b-1) unused; "full" scales use it wherever the negative extreme
+    dominates, every step is as fine or finer, and every weight stays within half a step of its grid point."""
+    nets = {}
+    for rng in ("absmax", "full"):
+        m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weight_clip="max")
+        m.weight_range = rng
+        nets[rng] = apply_manifest(tiny, m, tiny_calib)
+    per_channel = m.layers["model.0.conv"].weight.granularity == "per_channel"
+    qmax = 2 ** (int(m.layers["model.0.conv"].weight.bits) - 1) - 1
+    finer = dominated = 0
+    for name in m.layers:
+        w = tiny.net.get_submodule(name).weight.detach()
+        flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+        # where the most negative weight is the largest by more than (qmax+1)/qmax, only -2^(b-1) holds it;
+        # below (qmax+0.5)/qmax it rounds to -qmax
+        neg = -flat.amin(1) * qmax > flat.amax(1) * (qmax + 1) * (1 + 1e-6)
+        near = -flat.amin(1) * qmax > flat.amax(1) * (qmax + 0.5) * (1 - 1e-6)
+        steps = {}
+        for rng, net in nets.items():
+            wq = net.get_submodule(name).weight_quantizer
+            step = wq.amax.detach().reshape(-1, *([1] * (w.dim() - 1))) / qmax
+            with torch.no_grad():
+                q = wq(w)
+            codes = (q / step).reshape(flat.shape)
+            assert torch.allclose(codes, codes.round(), atol=1e-3), name  # on the grid
+            assert codes.min() >= -qmax - 1 - 1e-3 and codes.max() <= qmax + 1e-3, name
+            assert ((q - w).abs() <= step / 2 * (1 + 1e-4) + 1e-12).all(), f"{name}: a weight was clipped"
+            steps[rng] = step
+            lowest = codes.round().amin(1) == -qmax - 1
+            if rng == "full":
+                assert lowest[neg].all() and not lowest[~near].any(), name
+            else:
+                assert not lowest.any(), name
+        assert (steps["full"] <= steps["absmax"] * (1 + 1e-6)).all(), name
+        finer += int((steps["full"] < steps["absmax"] * 0.999).any())
+        dominated += int(neg.sum())
+    assert finer > 0 and (dominated > 0 or not per_channel), (finer, dominated)
 
 
 @pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.22.m.0.cv1.2.conv"])  # dense 3x3; depthwise 7x7

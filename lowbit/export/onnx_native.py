@@ -33,8 +33,16 @@ def uniform_manifest(model, path: str, fmt: str | Format) -> Manifest:
     return Manifest(name=fmt.name, model=path, layers=layers, weight_clip="max", origin={"kind": "onnx-native"})
 
 
-def _weight_amax(w: np.ndarray, fmt: Format) -> np.ndarray:
+def _weight_amax(w: np.ndarray, fmt: Format, full_range: bool) -> np.ndarray:
     a = np.abs(w)
+    if full_range and fmt.weight.dtype in ("int4", "int8") and fmt.weight.granularity != "block":
+        import torch
+
+        from lowbit.quantize.refine import full_range_amax
+
+        amax = full_range_amax(torch.from_numpy(np.ascontiguousarray(w)), int(fmt.weight.bits),
+                               fmt.weight.granularity == "per_channel")
+        return amax.numpy().reshape(-1).astype(np.float32)
     if fmt.weight.granularity == "per_channel":
         return a.reshape(a.shape[0], -1).max(1)
     if fmt.weight.granularity == "block":
@@ -109,7 +117,7 @@ def quantize_onnx(src: str | Path, manifest: Manifest, out: str | Path, calib_im
     def source(layer: str):
         fmt = manifest.layers[layer]
         w = numpy_helper.to_array(inits[weights[layer]]).astype(np.float32)
-        return (w, _weight_amax(w, fmt) if fmt.weight is not None else None,
+        return (w, _weight_amax(w, fmt, manifest.weight_range == "full") if fmt.weight is not None else None,
                 ranges.get(conv_input[weights[layer]]) if fmt.act is not None else None)
 
     counts, n_act = write_qdq(model, manifest, source)

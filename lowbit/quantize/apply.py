@@ -92,6 +92,10 @@ def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_c
 
     with contextlib.redirect_stdout(io.StringIO()):
         net = mtq.quantize(net, quant_cfg(manifest.layers, manifest.algorithm), forward_loop=forward_loop)
+    if manifest.weight_range == "full":
+        from lowbit.quantize.refine import set_full_range
+
+        set_full_range(net, detector.net, manifest.layers)
     if manifest.weight_clip != "max":
         from lowbit.quantize.refine import refine_weights
 

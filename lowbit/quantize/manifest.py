@@ -17,6 +17,11 @@ from lowbit.models.ultralytics import LayerInfo
 # clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both; "gptq-seq" = GPTQ
 # layer by layer on the quantized network's own inputs (lowbit.quantize.sequential).
 WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq"]
+# Where an integer weight scale comes from: "absmax" = ModelOpt's max calibration (the largest |w| maps to
+# 2^(b-1)-1, so the level -2^(b-1) goes unused); "full" = the finer of max(w)/(2^(b-1)-1) and
+# -min(w)/2^(b-1), so a channel whose negative extreme dominates also uses -2^(b-1)
+# (lowbit.quantize.refine.full_range_amax).
+WeightRange = Literal["absmax", "full"]
 
 
 class SchemeStats(BaseModel):
@@ -34,15 +39,17 @@ class Manifest(BaseModel):
     imgsz: int = 640
     algorithm: str = "max"  # ModelOpt calibration algorithm
     weight_clip: WeightRefine = "gptq"
+    weight_range: WeightRange = "full"  # a manifest file without the field predates it: loads as "absmax"
     layers: dict[str, Format]
     stats: SchemeStats | None = None
     origin: dict = Field(default_factory=dict)  # the config / search that produced it
 
     @classmethod
     def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",
-                weight_clip: str = "gptq", imgsz: int = 640) -> "Manifest":
+                weight_clip: str = "gptq", imgsz: int = 640, weight_range: str = "full") -> "Manifest":
         fmt = parse_format(fmt)
         m = cls(name=fmt.name, model=model, imgsz=imgsz, algorithm=algorithm, weight_clip=weight_clip,
+                weight_range=weight_range,
                 layers={layer.name: fmt for layer in layers if layer.quantizable},
                 origin={"kind": "uniform", "format": fmt.name})
         m.stats = scheme_stats(m.layers, layers)
@@ -64,6 +71,8 @@ class Manifest(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         data = read_json(path)
+        if isinstance(data, dict):
+            data.setdefault("weight_range", "absmax")  # written before full-range scales: reproduce it as made
         try:
             return cls.model_validate(data)
         except ValidationError as e:

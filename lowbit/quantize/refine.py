@@ -1,5 +1,5 @@
-"""Integer weight refinement after ModelOpt calibration: the layers' input statistics, output-aware
-clipping, and the dispatch to GPTQ (lowbit.quantize.gptq).
+"""Integer weight refinement after ModelOpt calibration: full-range scales, the layers' input statistics,
+output-aware clipping, and the dispatch to GPTQ (lowbit.quantize.gptq).
 
 Why ours: ModelOpt's `local_hessian` weighs weight error by the inputs only for dense linears and
 falls back to plain weight MSE elsewhere; plain weight-MSE clipping made YOLOv10n's INT4 worse than
@@ -50,11 +50,27 @@ def _fake_quant(w: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
 
 
-def best_ratios(weight: torch.Tensor, h: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
-    """Per output channel (or one for the tensor), the ratio of max |w| that minimizes d^T H d."""
+def full_range_amax(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """The amax (per output channel, or one for the tensor) whose grid scale = amax / (2^(b-1)-1) is the
+    finest that still holds every weight: the negative extreme may land on -2^(b-1).
+
+    Why ours: ModelOpt's max calibration maps the largest |w| to 2^(b-1)-1, so in a channel whose most
+    negative weight is the largest one, -2^(b-1) is never used and the step is up to 1/2^(b-1) coarser than
+    needed. On YOLOv10n's convs that is 39% of the channels at the full 1/8 at INT4 (11% less rounding noise
+    power over all channels); INT8 gains ~1/128."""
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    hi, lo = (w.amax(1), w.amin(1)) if per_channel else (w.max(), w.min())
+    return torch.maximum(hi, -lo * qmax / (qmax + 1)).clamp_min(1e-12)
+
+
+def best_ratios(weight: torch.Tensor, h: torch.Tensor, bits: int, per_channel: bool,
+                base: torch.Tensor) -> torch.Tensor:
+    """Per output channel (or one for the tensor), the ratio of the calibrated amax `base` (max |w|, or
+    full_range_amax's) that minimizes d^T H d."""
     out_ch, groups = weight.shape[0], h.shape[0]
     w = weight.detach().float().reshape(out_ch, -1)
-    amax = w.abs().amax(1, keepdim=True) if per_channel else w.abs().max().expand(out_ch, 1)
+    amax = base.to(w.device).float().reshape(-1, 1).expand(out_ch, 1)
     group_h = h[torch.arange(out_ch, device=h.device) // (out_ch // groups)] if groups > 1 else None  # small K
     errs = []
     for r in RATIOS.to(w.device):
@@ -64,6 +80,19 @@ def best_ratios(weight: torch.Tensor, h: torch.Tensor, bits: int, per_channel: b
     if per_channel:
         return RATIOS.to(w.device)[errs.argmin(0)]
     return RATIOS.to(w.device)[errs.sum(1).argmin()].expand(out_ch)
+
+
+def set_full_range(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: dict[str, Format]) -> None:
+    """Re-set every integer per-channel / per-tensor weight quantizer's amax to `full_range_amax` of its
+    float weights (block quantizers keep ModelOpt's)."""
+    with torch.no_grad():
+        for name, fmt in assign.items():
+            tf = fmt.weight
+            if tf is None or tf.dtype not in ("int4", "int8") or tf.granularity == "block":
+                continue
+            wq = qnet.get_submodule(name).weight_quantizer
+            amax = full_range_amax(float_net.get_submodule(name).weight, int(tf.bits), tf.granularity == "per_channel")
+            wq.amax = amax.reshape(wq.amax.shape).to(device=wq.amax.device, dtype=wq.amax.dtype)
 
 
 def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: dict[str, Format], calib_batches,
@@ -112,8 +141,9 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
             wq = qmod.weight_quantizer
             per_channel = fmt.weight.granularity == "per_channel"
             if "output" in method:
-                ratios = best_ratios(w, h, bits, per_channel)
-                base = w.detach().float().reshape(w.shape[0], -1).abs().amax(1) if per_channel else w.detach().abs().max()
+                base = wq.amax.detach().float().reshape(-1).to(w.device)
+                base = base if per_channel else base[0]
+                ratios = best_ratios(w, h, bits, per_channel, base)
                 amax = base * ratios if per_channel else base * ratios[0]
                 wq.amax = amax.reshape(wq.amax.shape).to(wq.amax.dtype)
                 chosen[name] = float(ratios.mean())

@@ -27,12 +27,12 @@ class Problem:
 
     def __init__(self, report: SensitivityReport, formats: list[str], allow_fp16: bool = True,
                  cost: str = "weight_bits", latency_table: dict[str, dict[str, float]] | None = None,
-                 weight_clip: str = "gptq", switch_ms: dict[str, float] | None = None,
+                 weight_clip: str = "gptq", weight_range: str = "full", switch_ms: dict[str, float] | None = None,
                  edges: list[tuple[str, str]] | None = None):
         """`switch_ms` and `edges` (from `lowbit latency-table`): with the latency cost, each edge between two
         convs of which exactly one runs in format F also costs switch_ms[F]."""
         self.report = report
-        self.weight_clip = weight_clip
+        self.weight_clip, self.weight_range = weight_clip, weight_range
         self.formats = [parse_format(f) for f in formats]
         missing = [f.name for f in self.formats if f.name not in report.formats]
         if missing:
@@ -85,6 +85,7 @@ class Problem:
         quantized = {n: f for n, f in assign.items() if not f.is_float}
         damage, cost = self.total(assign)
         m = Manifest(name=name, model=self.report.model, imgsz=self.report.imgsz, layers=quantized, weight_clip=self.weight_clip,
+                     weight_range=self.weight_range,
                      origin={**origin, "sensitivity": self.report.method, "predicted_damage": damage,
                              "cost": self.cost_kind, "predicted_cost": cost})
         m.stats = scheme_stats(quantized, self.layers)

@@ -103,6 +103,10 @@ class SingleLayerProbe:
         assign = {layer.name: fmt for layer in ctx.layers}
         with contextlib.redirect_stdout(io.StringIO()):
             self.net = mtq.quantize(self.net, quant_cfg(assign), forward_loop=forward_loop)
+        if ctx.options.get("weight_range") == "full":
+            from lowbit.quantize.refine import set_full_range
+
+            set_full_range(self.net, ctx.detector.net, assign)
         clip = ctx.options.get("weight_clip", "max")
         if clip != "max":  # probe the format as it will be materialized
             from lowbit.quantize.refine import refine_weights

@@ -107,7 +107,7 @@ def onnx_layers(model, imgsz: int) -> list:
 class OnnxProbe:
     """The float graph with its head maps exposed, the reference maps, and one ORT session per probe."""
 
-    def __init__(self, model, images: np.ndarray, threads: int | None = None):
+    def __init__(self, model, images: np.ndarray, threads: int | None = None, weight_range: str = "full"):
         import onnx
         import onnxruntime as ort
 
@@ -122,6 +122,7 @@ class OnnxProbe:
         del self.base.graph.output[:]
         self.base.graph.output.extend([onnx.ValueInfoProto(name=t) for t in self.heads])
         self.images = images.astype(np.float32)
+        self.weight_range = weight_range
         self.opts = ort.SessionOptions()
         if threads:
             self.opts.intra_op_num_threads = threads
@@ -146,8 +147,10 @@ class OnnxProbe:
 
         model = copy.deepcopy(self.base)
         w = self.weights[layer].astype(np.float32)
-        manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max")
-        write_qdq(model, manifest, lambda _: (w, _weight_amax(w, fmt) if fmt.weight is not None else None,
+        manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max",
+                            weight_range=self.weight_range)
+        full = self.weight_range == "full"
+        write_qdq(model, manifest, lambda _: (w, _weight_amax(w, fmt, full) if fmt.weight is not None else None,
                                               self.ranges.get(self.input_of[layer]) if fmt.act is not None else None))
         outs = self._run(model)
         errs = [float(((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12))
@@ -173,7 +176,7 @@ def onnx_native(ctx: SensitivityContext, store: ScoreStore) -> None:
         return
     model = float_graph_for(ctx)
     images = np.concatenate([b.images.numpy() for b in ctx.batches])
-    probe = OnnxProbe(model, images, ctx.options.get("threads"))
+    probe = OnnxProbe(model, images, ctx.options.get("threads"), ctx.options.get("weight_range", "absmax"))
     missing = [x.name for _, x in todo if x.name not in probe.weights]
     if missing:
         raise LowbitError(f"layer {missing[0]}: no Conv of the ONNX graph reads '{missing[0]}.weight'")
