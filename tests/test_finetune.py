@@ -219,7 +219,8 @@ def test_adaround_learned_steps_land_in_modelopt_quantizers(small, batches, w4, 
     amax = {n: m.weight_quantizer.amax.clone() for n, m in net.named_modules()
             if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled}
     before = _distance(net, small.net, batches)
-    finetune(net, small.net, batches, FinetuneConfig(mode=mode, block_steps=16, epochs=2, round_lr=1e-2, lr=1e-2,
+    # step lr 3e-3: from full-range scales 1e-2 overshoots in the 16 end-to-end steps (19.3 -> 21.0; 3e-3: -> 18.6)
+    finetune(net, small.net, batches, FinetuneConfig(mode=mode, block_steps=16, epochs=2, round_lr=1e-2, lr=3e-3,
                                                      learn_scales=True), progress=False)
     assert _distance(net, small.net, batches) < before
     verify(net, manifest.layers)
