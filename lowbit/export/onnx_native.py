@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export.onnx_qdq import OPSET, ExportInfo, tensorrt_verdict, write_qdq
 from lowbit.formats import Format, parse_format
 from lowbit.io import atomic_write_bytes
 from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.refine import full_range_amax, per_row_integer
 
 
 def conv_layers(model) -> dict[str, str]:
@@ -35,11 +37,7 @@ def uniform_manifest(model, path: str, fmt: str | Format) -> Manifest:
 
 def _weight_amax(w: np.ndarray, fmt: Format, full_range: bool) -> np.ndarray:
     a = np.abs(w)
-    if full_range and fmt.weight.dtype in ("int4", "int8") and fmt.weight.granularity != "block":
-        import torch
-
-        from lowbit.quantize.refine import full_range_amax
-
+    if full_range and per_row_integer(fmt.weight):
         amax = full_range_amax(torch.from_numpy(np.ascontiguousarray(w)), int(fmt.weight.bits),
                                fmt.weight.granularity == "per_channel")
         return amax.numpy().reshape(-1).astype(np.float32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats import Format
+from lowbit.formats import Format, TensorFormat
 
 RATIOS = torch.linspace(0.5, 1.0, 26)
 MAX_COLUMNS_PER_BATCH = 4096  # patches sampled per batch for H: unbiased, and bounded in memory
@@ -48,6 +48,12 @@ def _fake_quant(w: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
     scale = (amax / qmax).clamp_min(1e-12)
     return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
+
+
+def per_row_integer(tf: TensorFormat | None) -> bool:
+    """Integer weights with one scale per channel or per tensor: what lowbit re-scales and re-rounds
+    (block scales stay ModelOpt's)."""
+    return tf is not None and tf.dtype in ("int4", "int8") and tf.granularity != "block"
 
 
 def full_range_amax(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
@@ -88,7 +94,7 @@ def set_full_range(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     with torch.no_grad():
         for name, fmt in assign.items():
             tf = fmt.weight
-            if tf is None or tf.dtype not in ("int4", "int8") or tf.granularity == "block":
+            if not per_row_integer(tf):
                 continue
             wq = qnet.get_submodule(name).weight_quantizer
             amax = full_range_amax(float_net.get_submodule(name).weight, int(tf.bits), tf.granularity == "per_channel")
@@ -106,8 +112,7 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     `gram_cache` (a dict the caller keeps) holds each layer's input Gram matrix across calls: it
     depends only on the float model and the calibration images, not on the scheme.
     Returns each layer's mean chosen ratio (1.0 = max calibration kept)."""
-    targets = {n: f for n, f in assign.items()
-               if f.weight is not None and f.weight.dtype in ("int4", "int8") and f.weight.granularity != "block"}
+    targets = {n: f for n, f in assign.items() if per_row_integer(f.weight)}
     if not targets:
         return {}
     if method == "gptq-seq":
