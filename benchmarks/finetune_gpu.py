@@ -125,7 +125,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default="W4A16,.carry/ft/schemes/budget-5.6.json,.carry/ft/schemes/budget-4.5.json",
                     help="format names, manifests, or checkpoint folders (a returned best: variants continue from it)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; a>b chains b after a")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated; a>b chains b after a; empty with --save-ptq: PTQ alone")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-train", type=int, default=None, help="fewer training images, for a smoke run")
@@ -139,6 +140,9 @@ def main():
                     help="integer weight scales (Manifest.weight_range); default: the scheme's")
     ap.add_argument("--save-ptq", action="store_true", help="also return the PTQ start as <scheme>-ptq")
     a = ap.parse_args()
+    names = [v for v in a.variants.split(",") if v]
+    if not names and not a.save_ptq:
+        raise SystemExit("no --variants: pass --save-ptq to return the PTQ starts alone")
     dev = a.device
     det = load_detector("lowbit/assets/yolov10n.pt")
     det.net.to(dev)
@@ -178,7 +182,7 @@ def main():
         print(f"{m.name}: INT4 {m.stats.int4_share:.2f}, PTQ {ptq_s:.1f} s, dev mAP {_fmt(before)}", flush=True)
         best = (before, "none")
         done = {}  # chain -> (its network, its stages' results), so "a>b" reuses a's run
-        for name in a.variants.split(","):
+        for name in names:
             parts = name.split(">")
             k = max((i for i in range(len(parts)) if ">".join(parts[:i]) in done), default=0)
             net, stages = (copy.deepcopy(base), []) if k == 0 else copy.deepcopy(done[">".join(parts[:k])])

@@ -115,7 +115,7 @@ def compare(runs: list[Path] = typer.Argument(..., help="two or more `lowbit eva
 def quantize(model: str = MODEL,
              formats: str = typer.Option("W8A8", "--format", "-f", help="comma list, e.g. W8A8,W4A16:b64 (see `lowbit formats`)"),
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
-             calib_images: Optional[int] = typer.Option(64, help="calibration subset size"),
+             calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, section 7)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
              clip: str = typer.Option("gptq", help="integer weight rounding: gptq, gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),

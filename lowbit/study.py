@@ -43,12 +43,21 @@ class SearchSpec(BaseModel):
 
 
 class SensitivitySpec(BaseModel):
-    """The study's sensitivity stage; model, images, size and device come from the study itself."""
+    """The study's sensitivity stage; model, size and device come from the study itself."""
 
     methods: list[str] = Field(default_factory=lambda: ["gradient"])
     formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
     batch: int = 8
     layers: list[str] | None = None
+    # how many of the calibration images score the layers (the study's deterministic subset; default: all).
+    # Apart because the two want different amounts: scoring costs a backward pass per image and format, while
+    # GPTQ and fine-tuning gain from every calibration image there is (docs/results.md, section 7)
+    images: int | None = Field(None, ge=1)
+
+    def scoring_data(self, calib: DataConfig) -> DataConfig:
+        if self.images is None or (calib.max_images and calib.max_images <= self.images):
+            return calib
+        return calib.model_copy(update={"max_images": self.images})
 
 
 class FinetuneSpec(BaseModel):
@@ -218,8 +227,9 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         formats = list(dict.fromkeys(f for s in searches for f in s.formats))
         methods = list(dict.fromkeys(s.method for s in searches))
         spec = cfg.sensitivity or SensitivitySpec(methods=methods, formats=formats)
-        scfg = SensitivityConfig(model=cfg.model, calib=cfg.calib, imgsz=cfg.imgsz, device=cfg.device,
-                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range, **spec.model_dump())
+        scfg = SensitivityConfig(model=cfg.model, calib=spec.scoring_data(cfg.calib), imgsz=cfg.imgsz, device=cfg.device,
+                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range,
+                                 **spec.model_dump(exclude={"images"}))
         st = Stage(run.path, "sensitivity", scfg.model_dump(mode="json"), data_key)
         sens_dir = st.path if "gradient" in scfg.methods else None
         if st.done:
@@ -227,9 +237,12 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         else:
             reports = run_sensitivity(scfg, st.path, progress=progress, detector=det)
             st.finish()
+        # ModelOpt's own allocation scores on the sensitivity stage's images, as lowbit's did
+        scoring = (lambda: batches()[0]) if scfg.calib == cfg.calib else (
+            lambda: make_batches(scfg.calib.load(), cfg.imgsz, 8, progress=False))
         for spec_i in searches:
             reuse = sens_dir if spec_i.formats == scfg.formats else None  # ModelOpt checks the formats match
-            manifests += _search(cfg, spec_i, reports, det, batches, run.path, data_key, reuse)
+            manifests += _search(cfg, spec_i, reports, det, scoring, run.path, data_key, reuse)
     manifests += [Manifest.load(s) for s in cfg.schemes]
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
@@ -248,7 +261,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     return summary
 
 
-def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, data_key, sens_dir) -> list[Manifest]:
+def _search(cfg: StudyConfig, s: SearchSpec, reports, det, scoring_batches, root: Path, data_key,
+            sens_dir) -> list[Manifest]:
     if s.method not in reports:
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
     table = {}
@@ -273,7 +287,7 @@ def _search(cfg: StudyConfig, s: SearchSpec, reports, det, batches, root: Path, 
     for m in [m for m in searched if m.origin["kind"] == "budget" and s.cost != "latency"]:
         out += [allocate.random_like(p, m, s.topk_low, s.topk_high, seed) for seed in s.random_seeds]
     if s.modelopt_budgets:
-        out += _modelopt_manifests(cfg, s, det, p, batches()[0], root, data_key, sens_dir)
+        out += _modelopt_manifests(cfg, s, det, p, scoring_batches(), root, data_key, sens_dir)
     return out
 
 

@@ -3,15 +3,16 @@ import json
 import pytest
 import yaml
 
+from lowbit.api import DataConfig
 from lowbit.errors import LowbitError
-from lowbit.study import StudyConfig, run_study
+from lowbit.study import SensitivitySpec, StudyConfig, run_study
 
 
 def _write(tmp_path, assets, budgets):
     cfg = {"name": "t", "model": assets["model"], "imgsz": 256, "eval_batch": 4, "export_onnx": False,
            "calib": {"path": assets["val"], "max_images": 4}, "eval": {"path": assets["val"], "max_images": 4, "seed": 1},
            "sensitivity": {"methods": ["gradient-selfsup"], "formats": ["W4A16", "W8A16"], "batch": 4,
-                           "layers": ["model.2.*", "model.23.cv3.0.*"]},
+                           "layers": ["model.2.*", "model.23.cv3.0.*"], "images": 3},
            "search": {"method": "gradient-selfsup", "budgets": budgets, "random_seeds": []}, "uniform": ["W8A16"]}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -25,6 +26,9 @@ def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
     for f in ("study-report.md", "schemes.csv", "pareto.png", "summary.json", "config.json"):
         assert (out / f).stat().st_size > 0
     assert "Which scheme to pick" in (out / "study-report.md").read_text()
+    # the layers are scored on the first 3 of the 4 calibration images, the same 3 that `max_images: 3` takes
+    report, = (out / "cache").glob("sensitivity-*/gradient-selfsup/layer-sensitivity-report.json")
+    assert json.loads(report.read_text())["images"] == 3
     # each scheme's Δ carries its standard error over the choice of images, from the detections each
     # evaluation keeps, so a cached re-run reports the same errors
     se = {r["scheme"]: r["delta_se_points"] for r in first["rows"]}
@@ -38,6 +42,14 @@ def test_study_runs_caches_and_redoes_only_what_changed(tmp_path, assets):
     assert changed["work"] == {"evaluated": 1, "cached": 3}
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["kind"] for r in rows] == ["fp32", "uniform", "budget", "budget"]
+
+
+def test_sensitivity_images_take_the_calibration_subset_of_that_size():
+    calib = DataConfig(path="calib", max_images=None, seed=0)
+    assert SensitivitySpec().scoring_data(calib) is calib
+    assert SensitivitySpec(images=64).scoring_data(calib) == DataConfig(path="calib", max_images=64, seed=0)
+    small = calib.model_copy(update={"max_images": 16})
+    assert SensitivitySpec(images=64).scoring_data(small) is small  # never more than the study calibrates on
 
 
 def test_bad_study_config_names_the_field(tmp_path):
