@@ -7,6 +7,7 @@ the stages whose inputs changed.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -237,8 +238,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         else:
             reports = run_sensitivity(scfg, st.path, progress=progress, detector=det)
             st.finish()
-        # ModelOpt's own allocation scores on the sensitivity stage's images, as lowbit's did
-        scoring = (lambda: batches()[0]) if scfg.calib == cfg.calib else (
+        # ModelOpt's own allocation scores on the sensitivity stage's images, as lowbit's did (loaded once)
+        scoring = (lambda: batches()[0]) if scfg.calib == cfg.calib else functools.cache(
             lambda: make_batches(scfg.calib.load(), cfg.imgsz, 8, progress=False))
         for spec_i in searches:
             reuse = sens_dir if spec_i.formats == scfg.formats else None  # ModelOpt checks the formats match
