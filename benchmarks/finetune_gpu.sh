@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-tuning variants on the H100 (docs/results.md, "Accuracy recovery"). Carry .whl (device wheels) and
+# Fine-tuning recipes on the lent GPU (docs/results.md, "Accuracy recovery"). Carry .whl (device wheels) and
 # .carry/ft (160 training + 32 held-out labelled coco-calib-train images, and the scheme manifests), made by
 # `python3 benchmarks/make_ft_carry.py`.
 set -uo pipefail

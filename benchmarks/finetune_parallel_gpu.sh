@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/finetune_parallel_gpu.sh <deadline s> "<finetune_gpu.py args>" ["<args>" ...]
 #
-# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/run<i>.tar.xz (folders <scheme>-<variant>),
+# Carry .whl and .carry/ft as for finetune_gpu.sh. Checkpoints come back as $OUT/run<i>.tar.xz (folders <scheme>-<recipe>),
 # logs in $OUT/finetune-log.jsonl; a run still going <deadline> seconds after this script started (setup
 # included) is stopped, so the ones that finished come back even when the device's time limit is near.
 set -uo pipefail
@@ -37,7 +37,7 @@ cat $OUT/gpu-util.txt
 cat $OUT/run*/finetune-log.jsonl > $OUT/finetune-log.jsonl 2>/dev/null
 for i in $(seq 1 $#); do
   echo "== run$i: ${!i}"; grep -v -i warn $OUT/run$i/stdout.txt | tail -5
-  # one file per run, whatever it saved (--save-ptq adds its start): runs of one variant that differ only in
+  # one file per run, whatever it saved (--save-ptq adds its start): runs of one recipe that differ only in
   # other arguments (the calibration) would collide by name, and the device returns 8 files at most
   dirs=$(cd $OUT/run$i && ls -d */ 2>/dev/null)
   [ -n "$dirs" ] && (cd $OUT/run$i && XZ_OPT=-T0 tar -cJf "$OUT/run$i.tar.xz" $dirs)

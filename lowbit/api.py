@@ -15,12 +15,13 @@ from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.distill import FinetuneConfig, finetune
+from lowbit.finetune.blockwise import AdaRoundConfig, finetune
 from lowbit.formats import parse_format
 from lowbit.io import RunDir
 from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
-from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine
+from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine, scheme_stats
+from lowbit.quantize.onnx_ptq import ActivationCalibration
 
 
 class DataConfig(BaseModel):
@@ -40,10 +41,15 @@ class EvalConfig(BaseModel):
     batch: int = 1
     device: str = "cpu"
     threads: int | None = None
+    # torch, onnxruntime, openvino or openvino-f32 (lowbit.evaluate.runners); default: torch for a PyTorch model,
+    # onnxruntime for an .onnx, openvino for an OpenVINO IR
+    runtime: str | None = None
 
 
 class QuantizeConfig(BaseModel):
     model: str
+    # format names (uniform, each its own checkpoint), or manifest files (`lowbit search`, a study, hand-written):
+    # a name ending in .json is a manifest, materialized layer by layer as it says
     formats: list[str] = Field(default_factory=lambda: ["W8A8"])
     calib: DataConfig
     eval: DataConfig | None = None
@@ -70,33 +76,54 @@ def demo_assets() -> dict[str, str]:
     root = resources.files("lowbit") / "assets"
     return {"model": str(root / "yolov10n.pt"),
             "val": str(root / "demo-val" / "annotations" / "instances_demo-val.json"),
-            "calib": str(root / "demo-calib" / "images")}
+            "calib": str(root / "demo-calib" / "images"),
+            "study": str(root / "study-demo.yaml")}
 
 
 def layers(model: str, imgsz: int = 640) -> list[LayerInfo]:
+    """Every conv/linear layer of a PyTorch model, or every Conv of an ONNX graph (named as lowbit.quantize.qdq
+    names them: manifests for `quantize-onnx` use these names)."""
+    if Path(model).suffix == ".onnx":
+        from lowbit.quantize.qdq import load_graph
+        from lowbit.sensitivity.onnx_node import onnx_layers
+
+        return onnx_layers(load_graph(model), imgsz)
     return load_detector(model, imgsz).layers()
 
 
-def _onnx_names(path: Path) -> dict[int, str] | None:
-    import onnx
+def _graph_names(path: Path) -> dict[int, str] | None:
+    """Class names an exported graph carries: Ultralytics writes them into an ONNX's metadata and into the
+    metadata.yaml beside an OpenVINO IR, as a Python dict literal or a mapping."""
+    if path.suffix == ".onnx":
+        import onnx
 
-    try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception as e:
-        raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
-    if "names" in meta:  # Ultralytics writes its class names as a Python dict literal
-        return {int(k): v for k, v in ast.literal_eval(meta["names"]).items()}
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as e:
+            raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
+        names = meta.get("names")
+        return {int(k): v for k, v in ast.literal_eval(names).items()} if names else None
+    meta = path.parent / "metadata.yaml"
+    if meta.is_file():
+        import yaml
+
+        names = (yaml.safe_load(meta.read_text()) or {}).get("names")
+        return {int(k): v for k, v in names.items()} if isinstance(names, dict) else None
     return None
 
 
+def _is_graph(path: Path) -> bool:
+    return path.suffix in (".onnx", ".xml") or path.is_dir() and any(path.glob("*.xml"))
+
+
 def open_for_eval(model: str, dataset: Dataset, imgsz: int):
-    """(runnable, class names) for a .pt/.yaml, a quantized checkpoint folder or an .onnx file."""
+    """(runnable, class names) for a .pt/.yaml, a quantized checkpoint folder, an .onnx file or an OpenVINO IR."""
     path = Path(model)
-    if path.suffix == ".onnx":
-        names = _onnx_names(path) if path.is_file() else None
-        if path.is_file() and names is None:
-            names = dict(dataset.names or {})
-        return str(path), names
+    if _is_graph(path):
+        from lowbit.evaluate.runners import openvino_model_file
+
+        names = _graph_names(openvino_model_file(path)) if path.exists() else None
+        return str(path), names or dict(dataset.names or {})
     if path.is_dir():
         net, manifest = load_quantized(path)
         det = load_detector(manifest.model, imgsz)
@@ -112,7 +139,7 @@ def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = Tr
     runnable, names = open_for_eval(cfg.model, dataset, cfg.imgsz)
     run.log.info("evaluating %s on %s (%d images)", cfg.model, dataset.source, len(dataset))
     res = evaluate(runnable, dataset, names, cfg.imgsz, cfg.batch, cfg.device, progress=progress,
-                   model_name=cfg.model, threads=cfg.threads)
+                   model_name=cfg.model, threads=cfg.threads, runtime=cfg.runtime)
     run.write_json("results.json", res)
     save_detections(run.path, res.detections)
     run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
@@ -190,8 +217,9 @@ def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: boo
 
 def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: bool = True,
                  detector: Detector | None = None) -> list[SchemeRow]:
-    """Quantize the model to each format (uniform), save ModelOpt checkpoints, evaluate each beside FP32."""
-    formats = [parse_format(f) for f in cfg.formats]  # fail on a bad name before any slow work
+    """Quantize the model to each format (uniform) or manifest, save ModelOpt checkpoints, evaluate each beside FP32."""
+    # fail on a bad name or file before any slow work
+    formats = [Manifest.load(f) if f.endswith(".json") else parse_format(f) for f in cfg.formats]
     run = RunDir(out, "quantize")
     run.write_json("config.json", cfg)
     det = detector or load_detector(cfg.model, cfg.imgsz)
@@ -214,20 +242,25 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
         rows.append(SchemeRow(scheme="FP32", effective_weight_bits=32, int4_share=0, quantize_s=0,
                               result=score(det.net, "FP32")))
     for fmt in formats:
-        if fmt.is_float:
+        if isinstance(fmt, Manifest):
+            # the manifest's own rounding and scales; its model must be the one given
+            manifest = fmt.model_copy(update={"model": cfg.model, "imgsz": cfg.imgsz})
+            manifest.stats = scheme_stats(manifest.layers, layer_info)
+        elif fmt.is_float:
             continue
-        run.log.info("quantizing to %s", fmt.name)
+        else:
+            manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz,
+                                        cfg.weight_range)
+        run.log.info("quantizing to %s", manifest.name)
         t = time.perf_counter()
-        manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz,
-                                    cfg.weight_range)
         net = apply_manifest(det, manifest, calib_batches, grams)
         dt = time.perf_counter() - t
         ckpt = None
         if cfg.save:
-            ckpt = str(save_quantized(net, manifest, run.file(fmt.name.replace(":", "_"))))
-        rows.append(SchemeRow(scheme=fmt.name, effective_weight_bits=manifest.stats.effective_weight_bits,
+            ckpt = str(save_quantized(net, manifest, run.file(manifest.name.replace(":", "_"))))
+        rows.append(SchemeRow(scheme=manifest.name, effective_weight_bits=manifest.stats.effective_weight_bits,
                               int4_share=manifest.stats.int4_share, quantize_s=dt, checkpoint=ckpt,
-                              result=score(net, fmt.name)))
+                              result=score(net, manifest.name)))
         run.write_json("results.json", rows)
         del net
     run.write_json("results.json", rows)
@@ -252,6 +285,7 @@ class SensitivityConfig(BaseModel):
     top_k: int = 10
     weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
     weight_range: WeightRange = "full"  # and their integer scales (likewise)
+    target: str = "tensorrt"  # the onnx method encodes INT8 activations as this target does (lowbit.targets)
 
 
 def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
@@ -266,9 +300,12 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
     formats = [parse_format(f) for f in cfg.formats]
     run = RunDir(out, "sensitivity")
     run.write_json("config.json", cfg)
-    options = {"weight_clip": cfg.weight_clip, "weight_range": cfg.weight_range}
+    from lowbit.targets import get_target
+
+    options = {"weight_clip": cfg.weight_clip, "weight_range": cfg.weight_range,
+               "act_dtype": get_target(cfg.target).act_dtype}
     if cfg.model.endswith(".onnx"):  # no PyTorch source: only the ONNX-native method applies
-        from lowbit.export.onnx_native import load_graph
+        from lowbit.quantize.qdq import load_graph
         from lowbit.sensitivity.onnx_node import onnx_layers
 
         if set(methods) != {"onnx"}:
@@ -313,50 +350,107 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
 
 
 
+def _images(data: DataConfig, imgsz: int) -> "np.ndarray":  # noqa: F821
+    return torch.cat([b.images for b in make_batches(data.load(), imgsz, 8)]).numpy()
+
+
 class ExportConfig(BaseModel):
     checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
-    out: str
+    onnx: str | None = None  # the .onnx to write (default: model.onnx in the run folder)
+    target: str = "tensorrt"  # lowbit.targets: how activations are encoded and placed
+    # images to calibrate activation ranges on the exported graph (None: ModelOpt's calibrated ranges)
+    calib: DataConfig | None = None
+    calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
     parity: DataConfig | None = None  # images to compare ONNX Runtime with the fake-quant model on
 
 
-def run_export(cfg: ExportConfig):
-    """Q/DQ ONNX from a quantized checkpoint, with its TensorRT verdict and (optionally) output parity."""
+def run_export(cfg: ExportConfig, out: str | Path | None = None):
+    """Q/DQ ONNX for a target from a quantized checkpoint, with its deployability and (optionally) output parity."""
     from lowbit.export.onnx_qdq import export_qdq_onnx
-    from lowbit.io import write_json
+    from lowbit.targets import get_target
 
+    get_target(cfg.target)
     net, manifest = load_quantized(cfg.checkpoint)
+    run = RunDir(out, "export")
+    run.write_json("config.json", cfg)
     det = load_detector(manifest.model, manifest.imgsz)
     images = None
     if cfg.parity is not None:
         images = make_batches(cfg.parity.load(), manifest.imgsz, 1)
         images = torch.cat([b.images for b in images])
-    info = export_qdq_onnx(det.net, net, manifest, cfg.out, parity_images=images)
-    write_json(Path(cfg.out).with_suffix(".export.json"), info)
+    calib = _images(cfg.calib, manifest.imgsz) if cfg.calib else None
+    info = export_qdq_onnx(det.net, net, manifest, cfg.onnx or run.file("model.onnx"), parity_images=images,
+                           target=cfg.target, calib_images=calib, calibration=cfg.calibration)
+    run.write_json("results.json", info)
+    return info
+
+
+class QuantizeOnnxConfig(BaseModel):
+    model: str  # a float .onnx detector
+    onnx: str | None = None  # the Q/DQ .onnx to write (default: model.onnx in the run folder)
+    formats: str | None = None  # one format for every conv (a DFL decoder excluded) ...
+    manifest: str | None = None  # ... or a manifest file (layer names as the graph's: `lowbit layers -m MODEL.onnx`)
+    target: str = "openvino-cpu"
+    calib: DataConfig | None = None  # calibration images, for activation formats
+    imgsz: int = 640
+    calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
+
+
+def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, progress: bool = True):
+    """ONNX-native PTQ: a format or a manifest applied straight to a float .onnx, for a target."""
+    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+    from lowbit.quantize.qdq import load_graph
+
+    if (cfg.formats is None) == (cfg.manifest is None):
+        raise LowbitError("give exactly one of a format or a manifest")
+    from lowbit.targets import get_target
+
+    get_target(cfg.target)
+    run = RunDir(out, "quantize-onnx")
+    run.write_json("config.json", cfg)
+    manifest = (Manifest.load(cfg.manifest) if cfg.manifest
+                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats))
+    t = time.perf_counter()
+    images = _images(cfg.calib, cfg.imgsz) if cfg.calib else None
+    info = quantize_onnx(cfg.model, manifest, cfg.onnx or run.file("model.onnx"), images, cfg.target, cfg.calibration,
+                         progress)
+    run.write_json("results.json", {**info.model_dump(), "seconds": time.perf_counter() - t})
+    run.log.info("wrote %s in %.1f s", info.path, time.perf_counter() - t)
     return info
 
 
 class FinetuneRunConfig(BaseModel):
     checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
-    calib: DataConfig  # training images; labels are read only when finetune.label_weight > 0
-    eval: DataConfig | None = None  # before/after mAP; must not share an image with calib
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    train: DataConfig  # training images (unlabelled is fine); never an evaluation image
+    eval: DataConfig | None = None  # before/after mAP; must not share an image with `train`
+    recipe: str = "mixed"  # lowbit.finetune.blockwise.RECIPES: "mixed" (mixed INT4/INT8 schemes) or "w4" (uniform INT4)
+    config: AdaRoundConfig | None = None  # overrides the recipe, whole
     device: str = "cpu"
     eval_batch: int = 8
 
+    def algorithm(self) -> AdaRoundConfig:
+        from lowbit.finetune.blockwise import RECIPES
+
+        if self.config is not None:
+            return self.config
+        if self.recipe not in RECIPES:
+            raise LowbitError(f"unknown fine-tuning recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
+        return RECIPES[self.recipe]
+
 
 def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Distill a quantized checkpoint from its float model; write the fine-tuned checkpoint and before/after mAP."""
+    """Block-wise AdaRound of a quantized checkpoint from its float model; write the fine-tuned checkpoint and
+    before/after mAP."""
+    algo = cfg.algorithm()
     run = RunDir(out, "finetune")
     run.write_json("config.json", cfg)
     net, manifest = load_quantized(cfg.checkpoint)
     det = load_detector(manifest.model, manifest.imgsz)
-    calib = cfg.calib.load()
-    if cfg.finetune.label_weight and not calib.has_labels:
-        raise LowbitError(f"{calib.source}: label_weight > 0 needs labelled images (a data yaml or COCO json)")
+    train = cfg.train.load()
     evalset = cfg.eval.load() if cfg.eval else None
     if evalset is not None:
-        assert_disjoint(calib, evalset)
-    batches = make_batches(calib, manifest.imgsz, cfg.finetune.batch, progress=progress)
+        assert_disjoint(train, evalset)
+    batches = make_batches(train, manifest.imgsz, algo.batch, progress=progress)
     eval_batches = make_batches(evalset, manifest.imgsz, cfg.eval_batch, progress=progress) if evalset else None
 
     def score(label):
@@ -366,11 +460,13 @@ def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress
                         progress=progress, model_name=f"{manifest.name} {label}")
 
     before = score("before")
-    res = finetune(net, det.net, batches, cfg.finetune, cfg.device, progress)
-    run.log.info("%s: %d steps in %.1f s, loss %.4g -> %.4g", cfg.finetune.mode, res.steps, res.seconds,
+    res = finetune(net, det.net, batches, algo, cfg.device, progress)
+    res.recipe = cfg.recipe  # the recipe the config starts from (the CLI overrides steps and seed)
+    run.log.info("%s: %d steps in %.1f s, loss %.4g -> %.4g", res.recipe, res.steps, res.seconds,
                  res.first_loss, res.last_loss)
-    manifest.origin = {**manifest.origin, "finetune": {**cfg.finetune.model_dump(), "calib": calib.source,
-                                                       "images": len(calib), "seconds": res.seconds}}
+    manifest.origin = {**manifest.origin, "finetune": {**algo.model_dump(), "recipe": res.recipe,
+                                                       "train": train.source, "images": len(train),
+                                                       "seconds": res.seconds}}
     ckpt = save_quantized(net.cpu(), manifest, run.file("checkpoint"))
     net.to(cfg.device)
     after = score("after")
@@ -378,3 +474,36 @@ def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress
            "after": after.model_dump() if after else None}
     run.write_json("results.json", out)
     return out
+
+
+class BenchConfig(BaseModel):
+    models: list[str] = Field(min_length=1)  # .onnx files or OpenVINO IRs; the first is the speed-up baseline
+    threads: int | None = None
+    reps: int = Field(30, ge=1)
+    warmup: int = Field(5, ge=0)
+    # real images on which every runtime's detections are checked against ONNX Runtime's before timing
+    # (None: the COCO images lowbit carries); verify_images of them
+    verify: DataConfig | None = None
+    verify_images: int = Field(8, ge=0)  # 0: no output check (the table then says so)
+
+
+class BenchRun(BaseModel):
+    host: dict
+    results: list = Field(default_factory=list)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = True) -> BenchRun:
+    """Latency of every graph on every runtime present, interleaved, after each runtime's outputs are checked."""
+    from lowbit.evaluate.bench import bench_models, host_cpu
+
+    run = RunDir(out, "bench")
+    run.write_json("config.json", cfg)
+    batches = None
+    if cfg.verify_images:
+        data = cfg.verify or DataConfig(path=demo_assets()["val"])
+        batches = make_batches(data.model_copy(update={"max_images": cfg.verify_images}).load(), 640, 1)
+    rows = bench_models(cfg.models, cfg.threads, cfg.warmup, cfg.reps, batches, progress=progress)
+    res = BenchRun(host=host_cpu(), results=[r.model_dump() for r in rows])
+    run.write_json("results.json", res)
+    run.log.info("benchmarked %d graphs on %s", len(cfg.models), res.host["cpu"])
+    return res

@@ -18,6 +18,8 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
 OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
+TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), tensorrt "
+               "(symmetric INT8/FP8 Q/DQ before each conv), onnxruntime-cpu, or size (storage only)")
 RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
                      "-min(w)/2^(b-1), so -2^(b-1) is used) or absmax (ModelOpt's max calibration alone)")
 
@@ -73,12 +75,16 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
           max_images: Optional[int] = typer.Option(None, help="deterministic subset size"),
           seed: Optional[int] = typer.Option(0, help="subset seed"),
           imgsz: int = 640, batch: int = 1, device: str = "cpu",
-          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"), out: Optional[Path] = OUT):
-    """COCO mAP (pycocotools) and latency of a PyTorch model, a quantized checkpoint or an ONNX file."""
+          runtime: Optional[str] = typer.Option(None, help="torch, onnxruntime, openvino (its default precision: BF16 "
+                                                "on CPUs that have it) or openvino-f32; default: torch for a PyTorch "
+                                                "model, onnxruntime for .onnx, openvino for an OpenVINO IR"),
+          threads: Optional[int] = typer.Option(None, help="runtime threads"), out: Optional[Path] = OUT):
+    """COCO mAP (pycocotools) and latency of a PyTorch model, a quantized checkpoint, an ONNX file or an OpenVINO IR,
+    on the runtime that will run it."""
     from lowbit.api import EvalConfig, SchemeRow, run_eval
 
     cfg = EvalConfig(model=model, data=_data(data, images, max_images, seed), imgsz=imgsz, batch=batch,
-                     device=device, threads=threads)
+                     device=device, threads=threads, runtime=runtime)
     res = run_eval(cfg, out)
     bits, int4 = float("nan"), float("nan")  # unknown for a float model or an ONNX file
     if (Path(model) / "manifest.json").is_file():  # a quantized checkpoint states its scheme
@@ -113,17 +119,21 @@ def compare(runs: list[Path] = typer.Argument(..., help="two or more `lowbit eva
 
 @app.command()
 def quantize(model: str = MODEL,
-             formats: str = typer.Option("W8A8", "--format", "-f", help="comma list, e.g. W8A8,W4A16:b64 (see `lowbit formats`)"),
+             formats: Optional[str] = typer.Option(None, "--format", "-f", help="comma list, e.g. W8A8,W4A16:b64 (see "
+                                                   "`lowbit formats`); default W8A8 unless --manifest is given"),
+             manifest: Optional[list[Path]] = typer.Option(None, help="a manifest to materialize layer by layer (from "
+                                                           "`lowbit search`, a study, or hand-written); repeat for more"),
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
              calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, section 7)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
              clip: str = typer.Option("gptq", help="integer weight rounding: gptq, gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
              weight_range: str = RANGE, device: str = "cpu", out: Optional[Path] = OUT):
-    """Uniform PTQ through ModelOpt: save a checkpoint per format, evaluate each beside FP32."""
+    """PTQ through ModelOpt, uniform per format or mixed per manifest: save a checkpoint each, evaluate each beside FP32."""
     from lowbit.api import QuantizeConfig, run_quantize
 
-    cfg = QuantizeConfig(model=model, formats=[f for f in formats.split(",") if f], imgsz=imgsz,
+    specs = [f for f in (formats or ("" if manifest else "W8A8")).split(",") if f] + [str(m) for m in manifest or []]
+    cfg = QuantizeConfig(model=model, formats=specs, imgsz=imgsz,
                          calib=_data(calib, None, calib_images, 0),
                          eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm,
                          weight_clip=clip, weight_range=weight_range, device=device)
@@ -202,75 +212,75 @@ def study(config: Path = typer.Option(..., "--config", "-c", help="study yaml (s
 
     cfg = StudyConfig.load(config)
     summary = run_study(cfg, out)
-    t = Table(title=f"study {cfg.name}")
-    for col in ("scheme", "kind", "mAP50-95", "Δ points", "INT4", "W bits"):
-        t.add_column(col)
-    for r in summary["rows"]:
-        t.add_row(r["scheme"], r["kind"], f"{r['map50_95']:.4f}", f"{-r['drop_points']:+.2f}", f"{r['int4_share']:.0%}",
-                  f"{r['effective_weight_bits']:.2f}")
-    console.print(t)
+    console.print(study_table(summary, f"study {cfg.name} (target {cfg.target})"))
     console.print(f"recommended: {summary['recommended']}; evaluated {summary['work']['evaluated']} schemes, "
                   f"{summary['work']['cached']} from cache")
 
 
+def study_table(summary: dict, title: str, caption: str | None = None) -> Table:
+    t = Table(title=title, caption=caption)
+    longest = max(len(r["scheme"]) for r in summary["rows"])
+    for col in ("scheme", "kind", "deployable", "mAP50-95", "Δ points", "SE", "latency ms", "speed-up", "vs f32",
+                "INT4", "weights MB"):
+        t.add_column(col, justify="left" if col in ("scheme", "kind", "deployable") else "right",
+                     **({"no_wrap": True, "min_width": longest} if col == "scheme" else {}))
+    for r in summary["rows"]:
+        se = f"{r['delta_se_points']:.2f}" if r["delta_se_points"] is not None else ""
+        lat = "fails" if r.get("speed_failed") else (f"{r['latency_ms']:.1f}" if r.get("latency_ms") else "-")
+        t.add_row(("[bold]" if r["scheme"] == summary["recommended"] else "") + r["scheme"], r["kind"],
+                  "yes" if r["deployable"] else "no", f"{r['map50_95']:.4f}", f"{-r['drop_points']:+.2f}", se, lat,
+                  f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+                  f"{r['speedup_vs_f32']:.2f}x" if r.get("speedup_vs_f32") else "-", f"{r['int4_share']:.0%}",
+                  f"{r['weight_mb']:.2f}")
+    return t
+
+
 @app.command()
 def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowbit checkpoint folder"),
-           out: Path = typer.Option(..., "--out", "-o", help="the .onnx to write"),
+           onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="the .onnx to write (default: model.onnx in "
+                                                   "the run folder)"),
+           target: str = typer.Option("tensorrt", help=TARGET_HELP),
+           calib: Optional[str] = typer.Option(None, help="images to calibrate activation ranges on the exported graph "
+                                               "(default: the checkpoint's ModelOpt ranges)"),
+           calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
            parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
-           parity_images: int = 4):
-    """Q/DQ ONNX (INT8/INT4/FP8 as the manifest says) that ONNX Runtime runs; says whether TensorRT can build it."""
+           parity_images: int = 4, out: Optional[Path] = OUT):
+    """Q/DQ ONNX of a checkpoint for a deployment target (INT8/INT4/FP8 as its manifest says), with whether the
+    target runs every quantized layer in low precision."""
     from lowbit.api import ExportConfig, run_export
 
-    info = run_export(ExportConfig(checkpoint=str(checkpoint), out=str(out),
-                                   parity=_data(parity, None, parity_images, 0) if parity else None))
-    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB): weights {info.weight_dtypes}, "
+    info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
+                                   target=target, calib=_data(calib, None, calib_images or None, 0) if calib else None,
+                                   parity=_data(parity, None, parity_images, 0) if parity else None), out)
+    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
-    console.print(f"TensorRT: {'buildable' if info.tensorrt_buildable else 'not buildable'} ({info.tensorrt_reason})")
+    console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
     if info.parity_max_abs is not None:
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
 
 
 @app.command()
 def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowbit checkpoint folder to fine-tune"),
-             calib: str = typer.Option(..., help="training images (unlabelled is fine): folder, data yaml or COCO json"),
-             calib_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
+             train: str = typer.Option(..., help="training images (unlabelled is fine): folder, data yaml or COCO json"),
+             train_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
-             max_images: Optional[int] = None,
-             mode: str = typer.Option("distill", help="distill (end to end), blocks (block-wise reconstruction), "
-                                                      "adaround (block-wise, learned rounding only) or adaround-global "
-                                                      "(learned rounding only, end to end)"),
-             epochs: int = typer.Option(8, help="passes over the training images (distill, adaround-global)"),
-             block_steps: int = typer.Option(200, help="optimizer steps per block (blocks, adaround)"),
-             lr: float = typer.Option(1e-5, help="learning rate of weights and biases (distill, blocks)"),
-             round_lr: float = typer.Option(1e-3, help="learning rate of the rounding variables (adaround)"),
-             round_weight: float = typer.Option(0.01, help="weight of the push of each rounding to up or down (adaround)"),
-             round_bias: bool = typer.Option(False, help="biases learn too, at --lr (adaround, adaround-global)"),
-             block_loss: str = typer.Option("mse", help="block error (blocks, adaround): mse, fisher (each element weighted "
-                                                        "by its label-free Fisher weight through the rest of the float "
-                                                        "network) or mse+fisher"),
-             batch: int = 8,
-             scale_jitter: float = typer.Option(0.0, help="label-free zoom augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
-             color_jitter: float = typer.Option(0.0, help="brightness/contrast augmentation, factor in [1-j, 1+j] (distill, adaround-global)"),
-             learn_scales: bool = typer.Option(False, help="learn integer weight scales as well (LSQ; with adaround, the step of the rounded integers)"),
-             mosaic: int = typer.Option(0, help="extra training images, each a 2x2 mosaic of four training images (any mode; no labels)"),
-             seed: int = typer.Option(0, help="batch order, augmentation and mosaics; on YOLOv10n W4A16 AdaRound the seed "
-                                              "alone moved coco-val200 mAP by a point (docs/results.md)"),
-             feature_weight: float = typer.Option(0.0, help="weight of the neck-feature loss"),
-             label_weight: float = typer.Option(0.0, help="weight of the detection loss on labels (needs labels)"),
+             recipe: str = typer.Option("mixed", help="mixed (mixed INT4/INT8 schemes: MSE + Fisher block loss) or w4 "
+                                        "(uniform INT4: learned steps; start it from `lowbit quantize --clip gptq-seq`)"),
+             block_steps: Optional[int] = typer.Option(None, help="optimizer steps per block (default: the recipe's)"),
+             seed: int = typer.Option(0, help="batch order (it alone moves a run's mAP: docs/results.md)"),
              device: str = "cpu", out: Optional[Path] = OUT):
-    """Recover accuracy of a quantized checkpoint by distillation from its float model (no labels needed)."""
+    """Recover accuracy of a quantized checkpoint by block-wise AdaRound from its float model (no labels needed)."""
     from lowbit.api import FinetuneRunConfig, run_finetune
-    from lowbit.finetune.distill import FinetuneConfig
+    from lowbit.finetune.blockwise import RECIPES
 
-    ft = FinetuneConfig(mode=mode, epochs=epochs, block_steps=block_steps, lr=lr, round_lr=round_lr,
-                        round_weight=round_weight, round_bias=round_bias, block_loss=block_loss, batch=batch, learn_scales=learn_scales, feature_weight=feature_weight,
-                        label_weight=label_weight, scale_jitter=scale_jitter, color_jitter=color_jitter,
-                        mosaic=mosaic, seed=seed)
-    res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), calib=_data(calib, None, calib_images, 0),
-                                         eval=_data(data, None, max_images, 0) if data else None, finetune=ft,
-                                         device=device), out)
+    if recipe not in RECIPES:
+        raise LowbitError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+    algo = RECIPES[recipe].model_copy(update={"seed": seed, **({"block_steps": block_steps} if block_steps else {})})
+    res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), train=_data(train, None, train_images, 0),
+                                         eval=_data(data, None, None, 0) if data else None, recipe=recipe,
+                                         config=algo, device=device), out)
     f = res["finetune"]
-    console.print(f"{f['mode']}: {f['steps']} steps in {f['seconds']:.1f} s on {f['device']}, loss {f['first_loss']:.4g} "
+    console.print(f"{recipe}: {f['steps']} steps in {f['seconds']:.1f} s on {f['device']}, loss {f['first_loss']:.4g} "
                   f"-> {f['last_loss']:.4g}; checkpoint {res['checkpoint']}")
     if res["before"]:
         b, a = res["before"]["map50_95"], res["after"]["map50_95"]
@@ -297,67 +307,59 @@ def check_qdq_cmd(model: Path = typer.Argument(..., help="a Q/DQ .onnx")):
 
 @app.command("quantize-onnx")
 def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector"),
-                  out: Path = typer.Option(..., "--out", "-o", help="the Q/DQ .onnx to write"),
+                  onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="the Q/DQ .onnx to write (default: "
+                                                          "model.onnx in the run folder)"),
                   fmt: Optional[str] = typer.Option(None, "--format", "-f", help="one format for every conv (DFL excluded)"),
-                  manifest: Optional[Path] = typer.Option(None, help="a lowbit manifest (layer names as in the ONNX weights)"),
+                  manifest: Optional[Path] = typer.Option(None, help="a lowbit manifest (layer names as `lowbit layers -m "
+                                                          "MODEL.onnx` lists them)"),
+                  target: str = typer.Option("openvino-cpu", help=TARGET_HELP),
                   calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
-                  calib_images: int = 32, imgsz: int = 640):
-    """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source)."""
-    import onnx
-    import torch
+                  calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
+                  method: str = typer.Option("mean-minmax", help="activation range: max, mean-minmax (mean over images of each "
+                                             "image's range), percentile or mse"),
+                  imgsz: int = 640, out: Optional[Path] = OUT):
+    """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
+    a deployment target."""
+    from lowbit.api import ActivationCalibration, QuantizeOnnxConfig, run_quantize_onnx
 
-    from lowbit.data.loader import make_batches
-    from lowbit.export.onnx_native import quantize_onnx as run, uniform_manifest
-    from lowbit.quantize.manifest import Manifest
-
-    if (fmt is None) == (manifest is None):
-        raise LowbitError("give exactly one of --format or --manifest")
-    if not model.is_file():
-        raise LowbitError(f"{model}: ONNX file not found")
-    m = Manifest.load(manifest) if manifest else uniform_manifest(onnx.load(str(model), load_external_data=False), str(model), fmt)
-    images = None
-    if calib:
-        images = torch.cat([b.images for b in make_batches(_data(calib, None, calib_images, 0).load(), imgsz, 8)]).numpy()
-    info = run(model, m, out, images)
-    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB): {info.layers_quantized} convs, weights {info.weight_dtypes}, "
-                  f"{info.activation_qdq} activation Q/DQ pairs; TensorRT: "
-                  f"{'buildable' if info.tensorrt_buildable else 'not buildable'} ({info.tensorrt_reason})")
+    info = run_quantize_onnx(QuantizeOnnxConfig(
+        model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=fmt, manifest=str(manifest) if manifest else None, target=target,
+        calib=_data(calib, None, calib_images or None, 0) if calib else None, imgsz=imgsz,
+        calibration=ActivationCalibration(method=method)), out)
+    console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
+                  f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"
+                  f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
+    console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
 
 
 @app.command()
-def bench(models: list[Path] = typer.Argument(..., help="one or more .onnx files"),
-          threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the runtime's)"),
-          reps: int = 30, out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
-          interleave: bool = typer.Option(False, help="time the models' OpenVINO runs one inference each in turn, "
-                                          "so a shared machine's drift cannot pass for a speed-up")):
-    """Batch latency (warm-up, median, p90) of ONNX models on every runtime present; absent ones are listed as absent."""
-    from lowbit.evaluate.bench import bench as run_bench
-    from lowbit.evaluate.bench import compare_openvino, host_cpu, runtimes
-    from lowbit.io import write_json
+def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO IRs (model.xml or its folder); the "
+                                               "first is the baseline of the speed-ups"),
+          threads: Optional[int] = typer.Option(None, help="runtime threads (default: the runtime's)"),
+          reps: int = typer.Option(30, help="timed inferences per graph and runtime"),
+          verify: Optional[str] = typer.Option(None, help="images to check each runtime's detections on before timing "
+                                               "(default: the COCO images lowbit carries)"),
+          verify_images: int = typer.Option(8, help="how many of them; 0 skips the check"),
+          out: Optional[Path] = OUT):
+    """Latency of graphs on every runtime present (ONNX Runtime, OpenVINO at its default precision and at f32),
+    timed interleaved; a runtime whose detections diverge from ONNX Runtime's fails instead of being timed."""
+    from lowbit.api import BenchConfig, run_bench
 
-    paired = {}
-    if interleave:
-        if not runtimes()["openvino-cpu"][0]:
-            raise LowbitError("--interleave times OpenVINO, which is not installed here")
-        for m in models:
-            if not m.is_file():
-                raise LowbitError(f"{m}: ONNX file not found")
-        paired = compare_openvino({str(m): (m, None) for m in models}, threads, reps=reps)
-
-    cpu = host_cpu()
-    t = Table(title=f"lowbit bench on {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'})")
-    for col in ("model", "runtime", "batch", "median ms", "p90 ms", "images/s", "note"):
-        t.add_column(col)
-    everything = {}
-    for m in models:
-        rows = run_bench(m, threads, reps=reps, skip=("openvino-cpu",) if paired else ()) + ([paired[str(m)]] if paired else [])
-        everything[str(m)] = rows
-        for r in rows:
-            t.add_row(m.name, r.runtime, str(r.batch), f"{r.median_ms:.1f}" if r.median_ms else "-",
-                      f"{r.p90_ms:.1f}" if r.p90_ms else "-", f"{r.throughput_ips:.1f}" if r.throughput_ips else "-", r.note)
+    res = run_bench(BenchConfig(models=[str(m) for m in models], threads=threads, reps=reps,
+                                verify=_data(verify, None, None, 0) if verify else None, verify_images=verify_images), out)
+    cpu = res.host
+    t = Table(title=f"lowbit bench on {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'}), interleaved",
+              caption=f"speed-up: the first model's median over this one's on the same runtime; vs f32: over the first "
+                      f"model on OpenVINO forced to f32. {'' if verify_images else 'Outputs NOT checked (--verify-images 0).'}")
+    for col in ("model", "runtime", "median ms", "p90 ms", "speed-up", "vs f32", "note"):
+        t.add_column(col, justify="left" if col in ("model", "runtime", "note") else "right")
+    for r in res.results:
+        failed = r["parity"] is not None and r["parity"]["agreement"] < 0.8
+        ms = "[red]FAILS[/red]" if failed else (f"{r['median_ms']:.1f}" if r["median_ms"] else "-")
+        t.add_row(Path(r["model"]).name, r["runtime"], ms, f"{r['p90_ms']:.1f}" if r["p90_ms"] else "-",
+                  f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                  f"{r['speedup_vs_f32']:.2f}x" if r["speedup_vs_f32"] else "-", r["note"])
     console.print(t)
-    if out:
-        write_json(out, {"host": cpu, "results": everything})
 
 
 @app.command("latency-table")
@@ -396,12 +398,46 @@ def formats():
 
 
 @app.command()
-def demo(out: Optional[Path] = OUT):
-    """FP32 vs W8A8 vs W4A16 on the YOLOv10n and COCO images that lowbit carries (CPU, ~1 minute)."""
-    from lowbit.api import demo_config, run_quantize
+def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: runs/demo; a re-run resumes)"),
+         quick: bool = typer.Option(False, hidden=True, help="the same study at a toy size, for tests")):
+    """Which layers of YOLOv10n can take low precision, what the schemes score and how fast they really run, on the
+    model and COCO images lowbit carries (CPU, a few minutes)."""
+    from lowbit.study import run_demo
 
-    console.print("[bold]lowbit demo[/]: YOLOv10n, 32 COCO val2017 images, calibrated on 16 train2017 images")
-    console.print(_table(run_quantize(demo_config(), out)))
+    console.print("[bold]lowbit demo[/]: YOLOv10n; label-free sensitivity on 16 COCO train2017 images; four schemes "
+                  "exported for OpenVINO on this CPU, scored and timed there; 32 COCO val2017 images")
+    summary, reports = run_demo(out, quick=quick)
+    for method, rep in reports.items():
+        console.print(sensitivity_table(rep, f"layer sensitivity ({method}): the most and the least sensitive layers"))
+    folder = Path(out or "runs/demo")
+    console.print(study_table(summary, f"schemes on {summary['target']}",
+                              caption="mAP50-95 on 32 images is noisy: SE is each Δ's standard error over the choice of "
+                                      "images, so differences within about 2 SE are not resolved here. Decide with "
+                                      "configs/study-yolov10n.yaml (coco-val800)."))
+    host = (summary.get("speed") or {}).get("host", {})
+    console.print(f"latency: batch 1, interleaved medians on {host.get('cpu', 'this CPU')} "
+                  f"({', '.join(host.get('isa', []))}), OpenVINO's default precision; speed-up vs the FP32 export there, "
+                  "vs f32 against OpenVINO forced to f32")
+    console.print(f"recommended: [bold]{summary['recommended']}[/] -> {folder / 'recommended.onnx'}"
+                  + (f" and {summary['openvino_ir']}" if summary.get("openvino_ir") else ""))
+    console.print(f"report: {folder / 'study-report.md'} (plots: pareto.png, pareto-latency.png, recommended-bitmap.png); "
+                  f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache (a re-run "
+                  "resumes); the real study: lowbit study -c configs/study-yolov10n-openvino.yaml")
+
+
+def sensitivity_table(rep, title: str, n: int = 5) -> Table:
+    t = Table(title=title)
+    for col in ("rank", "layer", "role", *(f"{f} score" for f in rep.formats)):
+        t.add_column(col, justify="right" if "score" in col or col == "rank" else "left")
+    f0 = rep.formats[0]
+    order = sorted((r for r in rep.rows if f0 in r.scores), key=lambda r: -r.scores[f0])
+    for i, r in enumerate(order):
+        if n <= i < len(order) - n:
+            if i == n:
+                t.add_row("...", f"({len(order) - 2 * n} more)", "", *("" for _ in rep.formats))
+            continue
+        t.add_row(str(i + 1), r.name, r.role, *(f"{r.scores.get(f, float('nan')):.3g}" for f in rep.formats))
+    return t
 
 
 def main() -> None:
@@ -410,12 +446,28 @@ def main() -> None:
             sys.argv.append("demo")
         app()
     except LowbitError as e:
+        _mark_failed(e)
         console.print(f"[bold red]error:[/] {e}")
         sys.exit(2)
     except ValidationError as e:  # a bad option value reaching a typed config
+        _mark_failed(e)
         err = e.errors()[0]
         console.print(f"[bold red]error:[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
         sys.exit(2)
+    except SystemExit as e:  # typer ends every command this way; only a non-zero code is a failure
+        if e.code not in (0, None):
+            _mark_failed(e)
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _mark_failed(e)
+        raise
+
+
+def _mark_failed(error: BaseException) -> None:
+    from lowbit.io import RunDir
+
+    for run in RunDir.opened:
+        run.fail(error)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def read_json(path: str | Path) -> Any:
 
 
 class RunDir:
-    """One run's folder: the resolved config, results JSON and a log, all written atomically."""
+    """One run's folder: the resolved config, results JSON and a log, all written atomically. A run that ends in
+    an error gets a FAILED file (and the error in its log), so a folder never passes for a finished result."""
+
+    opened: list["RunDir"] = []  # this process's runs, for the CLI to mark the failed ones
 
     def __init__(self, root: str | Path | None, kind: str):
         if root is None:
@@ -75,6 +78,12 @@ class RunDir:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.handlers = [handler]
         self.log.propagate = False
+        (self.path / "FAILED").unlink(missing_ok=True)  # a re-run (resuming a study) starts clean
+        RunDir.opened.append(self)
+
+    def fail(self, error: BaseException) -> None:
+        self.log.error("failed: %s", error)
+        atomic_write_text(self.path / "FAILED", f"{type(error).__name__}: {error}\n")
 
     def file(self, name: str) -> Path:
         return self.path / name

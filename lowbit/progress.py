@@ -19,3 +19,20 @@ def track(items: Iterable[T], description: str, enabled: bool = True, total: int
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
         yield from p.track(items, description=description, total=total)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def step(description: str, enabled: bool = True):
+    """A spinner with elapsed time for one long step that has no loop to count (quantizing, exporting)."""
+    if not enabled or not sys.stderr.isatty():
+        return _Null()
+    from rich.console import Console
+
+    return Console(stderr=True).status(description)

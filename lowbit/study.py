@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from lowbit.api import DataConfig, SensitivityConfig, run_sensitivity
+from lowbit.quantize.onnx_ptq import ActivationCalibration
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.distill import FinetuneConfig, finetune
+from lowbit.finetune.blockwise import RECIPES, AdaRoundConfig, finetune
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest, save_quantized
@@ -62,10 +63,19 @@ class SensitivitySpec(BaseModel):
 
 
 class FinetuneSpec(BaseModel):
-    """Fine-tune evaluated schemes by distillation; each result joins the table as `<scheme>+ft`."""
+    """Fine-tune evaluated schemes by block-wise AdaRound on the calibration images; each result joins the table as
+    `<scheme>+ft`."""
 
-    schemes: list[str] = Field(default_factory=lambda: ["W4A16"])  # scheme names; "recommended" = the pick
-    config: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    schemes: list[str] = Field(default_factory=lambda: ["W4A16"])  # scheme names
+    recipe: str = "mixed"  # lowbit.finetune.blockwise.RECIPES
+    config: AdaRoundConfig | None = None  # overrides the recipe, whole
+
+    def algorithm(self) -> AdaRoundConfig:
+        if self.config is not None:
+            return self.config
+        if self.recipe not in RECIPES:
+            raise LowbitError(f"finetune.recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
+        return RECIPES[self.recipe]
 
 
 class StudyConfig(BaseModel):
@@ -83,14 +93,26 @@ class StudyConfig(BaseModel):
     max_drop_points: list[float] = Field(default_factory=lambda: [1.0, 2.0])
     weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
     weight_range: WeightRange = "full"  # integer weight scales for every scheme: "absmax" = ModelOpt's
-    export_onnx: bool = True  # Q/DQ ONNX of the recommended scheme, checked with ONNX Runtime
-    # batch-1 latency of every scheme's Q/DQ ONNX on every runtime present, beside its mAP (one export each)
-    speed: bool = False
-    speed_threads: int | None = None  # runtime threads for `speed` (default: the runtime's own)
+    # what the schemes are for (lowbit.targets): openvino-cpu, onnxruntime-cpu and tensorrt score every scheme the
+    # target runs in low precision as its Q/DQ ONNX on the target's runtime, and openvino-cpu / onnxruntime-cpu
+    # time them there; size scores PyTorch fake quantization and recommends the smallest scheme
+    target: str = "size"
+    activation: ActivationCalibration = Field(default_factory=ActivationCalibration)  # ranges of exported graphs
+    speed_threads: int | None = None  # runtime threads for timing (default: the runtime's own)
+    speed_reps: int = Field(30, ge=1)  # interleaved rounds of timing
     save_checkpoints: bool = False
     finetune: FinetuneSpec | None = None
     # random halves of the evaluation images behind each scheme's standard error of its Δ vs FP32 (0: none)
     error_halves: int = Field(200, ge=0)
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v):
+        from lowbit.targets import TARGETS
+
+        if v not in TARGETS:
+            raise ValueError(f"unknown target {v!r}; use one of {', '.join(TARGETS)}")
+        return v
 
     @field_validator("search", mode="before")
     @classmethod
@@ -129,6 +151,9 @@ class SchemeResult(BaseModel):
     manifest: Manifest
     result: EvalResult
     seconds: float
+    deployable: bool = True  # the target runs every quantized layer in low precision (lowbit.targets)
+    deploy_note: str = ""
+    artifact: str | None = None  # the Q/DQ ONNX scored on the target's runtime, relative to the run folder
 
 
 def _load_result(st: "Stage") -> SchemeResult:
@@ -172,11 +197,20 @@ class Stage:
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    import shutil
+
+    import onnx
+    import torch
+
+    from lowbit import targets
+    from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
+    from lowbit.progress import step
     from lowbit.report.study_report import write_study_report
 
     run = RunDir(out, "study")
     run.write_json("config.json", cfg)
     log = run.log
+    tgt = targets.get_target(cfg.target)
     det = load_detector(cfg.model, cfg.imgsz)
     det.net.to(cfg.device)
     calib = cfg.calib.load()
@@ -185,6 +219,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     calib_batches = eval_batches = None
     work = {"evaluated": 0, "cached": 0}
     grams: dict = {}  # output-aware clipping statistics, shared by every scheme
+    groups: dict[str, int] = {layer.name: _groups(det.net.get_submodule(layer.name)) for layer in det.layers()}
 
     def batches():
         nonlocal calib_batches, eval_batches
@@ -194,7 +229,12 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         return calib_batches, eval_batches
 
     def evaluate_scheme(m: Manifest | None) -> SchemeResult:
-        st = Stage(run.path, "eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32")
+        """A scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime (the float
+        model as lowbit's float export); any other, and every scheme of a `size` study, as PyTorch fake quant."""
+        verdict = targets.check(cfg.target, m, groups) if m is not None else None
+        graph = tgt.name != "size" and (verdict is None or verdict.deployable)
+        how = (cfg.target, cfg.activation.model_dump()) if graph else "torch"
+        st = Stage(run.path, "eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32", how)
         if st.done:
             work["cached"] += 1
             res = _load_result(st)
@@ -203,17 +243,35 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
             return res
         cb, eb = batches()
         t = time.perf_counter()
-        net = det.net if m is None else apply_manifest(det, m, cb, grams)
-        res = evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eb,
-                       progress=progress, model_name=m.name if m else "FP32")
+        name = m.name if m else "FP32"
+        with step(f"{name}: quantizing" + (f" and exporting for {cfg.target}" if graph else ""), progress):
+            net = det.net if m is None else apply_manifest(det, m, cb, grams)
+            artifact = None
+            if graph:
+                st.path.mkdir(parents=True, exist_ok=True)
+                artifact = st.path / "model.onnx"
+                if m is None:
+                    onnx.save(export_float_onnx(det.net, cfg.imgsz), str(artifact))
+                else:
+                    export_qdq_onnx(det.net, net, m, artifact, target=cfg.target,
+                                    calib_images=torch.cat([b.images for b in cb]).numpy(), calibration=cfg.activation)
+        if graph:
+            res = evaluate(str(artifact), evalset, det.names, cfg.imgsz, cfg.eval_batch, batches=eb, progress=progress,
+                           model_name=name, runtime=tgt.runtime, threads=cfg.speed_threads)
+        else:
+            res = evaluate(net, evalset, det.names, cfg.imgsz, cfg.eval_batch, cfg.device, batches=eb,
+                           progress=progress, model_name=name)
         manifest = m or Manifest(name="FP32", model=cfg.model, imgsz=cfg.imgsz, layers={})
-        out = SchemeResult(manifest=manifest, result=res, seconds=time.perf_counter() - t)
+        out = SchemeResult(manifest=manifest, result=res, seconds=time.perf_counter() - t,
+                           deployable=verdict is None or verdict.deployable,
+                           deploy_note="float" if verdict is None else verdict.summary(),
+                           artifact=str(artifact.relative_to(run.path)) if artifact else None)
         if m is not None and cfg.save_checkpoints:
             save_quantized(net, m, st.path / "checkpoint")
         _save_result(st, out)
         st.finish()
         work["evaluated"] += 1
-        log.info("%s: mAP50-95 %.4f (%.1f s)", manifest.name, res.map50_95, out.seconds)
+        log.info("%s: mAP50-95 %.4f on %s (%.1f s)", manifest.name, res.map50_95, res.runtime, out.seconds)
         return out
 
     baseline = evaluate_scheme(None)
@@ -229,9 +287,10 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         methods = list(dict.fromkeys(s.method for s in searches))
         spec = cfg.sensitivity or SensitivitySpec(methods=methods, formats=formats)
         scfg = SensitivityConfig(model=cfg.model, calib=spec.scoring_data(cfg.calib), imgsz=cfg.imgsz, device=cfg.device,
-                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range,
+                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range, target=cfg.target,
                                  **spec.model_dump(exclude={"images"}))
         st = Stage(run.path, "sensitivity", scfg.model_dump(mode="json"), data_key)
+        sens_path = st.path
         sens_dir = st.path if "gradient" in scfg.methods else None
         if st.done:
             reports = {m: SensitivityReport.load(st.path / m) for m in scfg.methods}
@@ -247,19 +306,30 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     manifests += [Manifest.load(s) for s in cfg.schemes]
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
-    errors = Stage(run.path, "errors", data_key, cfg.error_halves).path / "delta-se.json"
-    summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors))
     if cfg.finetune is not None:
-        results += _finetune_stage(cfg, det, results, summary, calib, evalset, batches, data_key, grams, run, work, progress)
-        summary = write_study_report(cfg, results, reports, run.path,
-                                     _delta_errors(results, evalset, cfg.error_halves, errors))
-    if cfg.export_onnx and summary["recommended"]:
-        summary["onnx"] = _export_recommended(cfg, det, results, summary, batches, evalset, run, progress)
-    if cfg.speed:
-        summary["speed"] = _speed_stage(cfg, det, results, batches, run, progress)
+        results += _finetune_stage(cfg, det, results, calib, evalset, batches, data_key, grams, run, work, progress)
+    speed = _speed_stage(cfg, results, run, progress) if tgt.speed else None
+    errors = Stage(run.path, "errors", data_key, cfg.error_halves).path / "delta-se.json"
+    summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors),
+                                 speed)
+    best = next((r for r in results if r.manifest.name == summary["recommended"]), None)
+    if best is not None and best.artifact:
+        shutil.copy(run.path / best.artifact, run.file("recommended.onnx"))
+        if tgt.name == "openvino-cpu":  # also as the IR Ultralytics and OpenVINO load directly
+            from lowbit.export.openvino_ir import save_openvino_ir
+
+            summary["openvino_ir"] = str(save_openvino_ir(run.file("recommended.onnx"),
+                                                          run.file("recommended_openvino_model")))
+    elif best is not None and tgt.name == "size":
+        summary["onnx"] = _export_recommended(cfg, det, best, batches, evalset, run, progress)
     summary["work"] = work
+    summary["sensitivity"] = {m: str((sens_path / m).relative_to(run.path)) for m in reports} if reports else {}
     run.write_json("summary.json", summary)
     return summary
+
+
+def _groups(mod) -> int:
+    return getattr(mod, "groups", 1)
 
 
 def _search(cfg: StudyConfig, s: SearchSpec, reports, det, scoring_batches, root: Path, data_key,
@@ -319,18 +389,18 @@ def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_bat
 
 
 
-def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, batches, data_key, grams, run, work,
+def _finetune_stage(cfg: StudyConfig, det, results, calib, evalset, batches, data_key, grams, run, work,
                     progress) -> list[SchemeResult]:
-    """Distill each named scheme from the float model on the calibration images (never the evaluation set)."""
+    """Fine-tune each named scheme from the float model on the calibration images (never the evaluation set)."""
     from lowbit.data.datasets import assert_disjoint
 
     assert_disjoint(calib, evalset)
     by_name = {r.manifest.name: r for r in results}
-    names = [summary["recommended"] if n == "recommended" else n for n in cfg.finetune.schemes]
+    names = cfg.finetune.schemes
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise LowbitError(f"finetune.schemes: {unknown} not among the evaluated schemes ({', '.join(by_name)})")
-    ft = cfg.finetune.config
+    ft = cfg.finetune.algorithm()
     out = []
     for name in dict.fromkeys(names):
         src = by_name[name]
@@ -353,101 +423,82 @@ def _finetune_stage(cfg: StudyConfig, det, results, summary, calib, evalset, bat
                      model_name=m.name)
         save_quantized(net.cpu(), m, st.path / "checkpoint")  # the export needs the learned weights
         net.to(cfg.device)
-        sr = SchemeResult(manifest=m, result=r, seconds=res.seconds)
+        sr = SchemeResult(manifest=m, result=r, seconds=res.seconds, deployable=src.deployable,
+                          deploy_note=src.deploy_note + " (fine-tuned weights scored in PyTorch)")
         _save_result(st, sr)
         st.finish()
         work["evaluated"] += 1
-        run.log.info("%s: mAP50-95 %.4f -> %.4f after %s (%.1f s)", name, src.result.map50_95, r.map50_95, ft.mode,
+        run.log.info("%s: mAP50-95 %.4f -> %.4f after AdaRound (%.1f s)", name, src.result.map50_95, r.map50_95,
                      res.seconds)
         out.append(sr)
     return out
 
 
-def _speed_vs_float(det, imgsz: int, qdq_path, float_path) -> list[dict]:
-    """Batch-1 latency of the float and the Q/DQ ONNX on every runtime present (`lowbit bench`)."""
-    import copy
-
-    import onnx
-
-    from lowbit.evaluate.bench import bench
-    from lowbit.export.onnx_qdq import export_float_onnx
-
-    onnx.save(export_float_onnx(copy.deepcopy(det.net), imgsz), str(float_path))
-    base = {r.runtime: r for r in bench(float_path, reps=20) if r.present}
-    rows = []
-    for r in bench(qdq_path, reps=20):
-        if not r.present:
-            continue
-        f = base.get(r.runtime)
-        rows.append({"runtime": r.runtime, "float_ms": f.median_ms if f else None, "ms": r.median_ms,
-                     "speedup": f.median_ms / r.median_ms if f and f.median_ms and r.median_ms else None, "note": r.note})
-    return rows
-
-
-def _speed_stage(cfg: StudyConfig, det, results, batches, run, progress) -> dict:
-    """Every scheme exported as Q/DQ ONNX and timed on every runtime present, cached per layer assignment
-    (a fine-tuned scheme runs exactly as fast as its base: same formats, same graph). ModelOpt max
-    calibration stands in for the scheme's own rounding, which changes values, not speed."""
-    import copy
+def _speed_stage(cfg: StudyConfig, results: list[SchemeResult], run, progress) -> dict:
+    """Every scored artifact (the float export first) timed together on the target's runtime, interleaved, each
+    runtime's detections checked against ONNX Runtime's first; cached by the artifacts and the machine."""
+    import hashlib
     import platform
 
-    import onnx
+    from lowbit.evaluate.bench import bench_models, host_cpu
 
-    from lowbit.evaluate.bench import bench, runtimes
-    from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
-    from lowbit.progress import track
-    from lowbit.report.study_report import append_speed_section
-
-    present = sorted(name for name, (ok, _) in runtimes().items() if ok)
-    machine = (platform.machine(), platform.processor() or platform.node(), cfg.speed_threads, present)
-    rows, timed, cached = [], 0, 0
-    for res in track(results, "speed of every scheme", enabled=progress):
-        m = res.manifest
-        layers = m.model_dump(mode="json", include={"model", "imgsz", "layers"}) if m.layers else "FP32"
-        st = Stage(run.path, "speed", layers, cfg.imgsz, machine)
-        if st.done:
-            cached += 1
-        else:
-            st.path.mkdir(parents=True, exist_ok=True)
-            path = st.path / "model.onnx"
-            if not m.layers:
-                onnx.save(export_float_onnx(copy.deepcopy(det.net).cpu(), cfg.imgsz), str(path))
-            else:
-                plain = m.model_copy(update={"weight_clip": "max"})
-                export_qdq_onnx(det.net, apply_manifest(det, plain, batches()[0]).cpu(), plain, path)
-            write_json(st.path / "bench.json", [r.model_dump() for r in bench(path, cfg.speed_threads, reps=20) if r.present])
-            path.unlink()  # the timing is the product; the recommended scheme's ONNX is kept elsewhere
-            st.finish()
-            timed += 1
-        rows.append({"scheme": m.name, "map50_95": res.result.map50_95, "bench": read_json(st.path / "bench.json"),
-                     **{k: m.origin[k] for k in ("predicted_ms", "predicted_float_ms", "latency_runtime", "latency_threads")
-                        if k in m.origin}})
-    out = {"runtimes": present, "threads": cfg.speed_threads, "rows": rows, "timed": timed, "cached": cached}
-    append_speed_section(run.path, out, cfg.max_drop_points)
+    timed = [r for r in results if r.artifact]
+    if len(timed) < 2:
+        return {"rows": {}, "host": host_cpu(), "timed": 0}
+    digests = [hashlib.sha256((run.path / r.artifact).read_bytes()).hexdigest()[:16] for r in timed]
+    st = Stage(run.path, "speed", digests, host_cpu(), platform.node(), cfg.speed_threads, cfg.speed_reps)
+    if not st.done:
+        verify = make_batches(cfg.calib.load().subset(8, 0), cfg.imgsz, 1)
+        rows = bench_models([run.path / r.artifact for r in timed], cfg.speed_threads, reps=cfg.speed_reps,
+                            verify=verify, progress=progress)
+        by_model = {}
+        for r, path in zip(timed, [str(run.path / r.artifact) for r in timed]):
+            by_model[r.manifest.name] = [b.model_dump(mode="json") for b in rows if b.model == path and b.present]
+        write_json(st.path / "bench.json", {"host": host_cpu(), "rows": by_model})
+        st.finish()
+    out = read_json(st.path / "bench.json")
+    out["timed"] = len(timed)
     return out
 
 
-def _export_recommended(cfg: StudyConfig, det, results, summary, batches, evalset, run, progress) -> dict:
-    """The recommended scheme as a Q/DQ ONNX: parity with PyTorch and its mAP under ONNX Runtime."""
+def _export_recommended(cfg: StudyConfig, det, best: SchemeResult, batches, evalset, run, progress) -> dict:
+    """A `size` study's pick as a Q/DQ ONNX (INT4 weights as INT4 initializers): parity with PyTorch and its mAP
+    under ONNX Runtime."""
     import torch
 
     from lowbit.export.onnx_qdq import export_qdq_onnx
     from lowbit.report.study_report import append_onnx_section
 
-    res = next(r for r in results if r.manifest.name == summary["recommended"])
     cb, eb = batches()
-    if res.manifest.origin.get("kind") == "finetune":  # learned weights: from the fine-tune stage's checkpoint
+    if best.manifest.origin.get("kind") == "finetune":  # learned weights: from the fine-tune stage's checkpoint
         from lowbit.quantize.apply import load_quantized
 
-        net, _ = load_quantized(run.path / res.manifest.origin["checkpoint"], det)
+        net, _ = load_quantized(run.path / best.manifest.origin["checkpoint"], det)
     else:
-        net = apply_manifest(det, res.manifest, cb)
-    info = export_qdq_onnx(det.net, net.cpu(), res.manifest, run.file("recommended.onnx"),
+        net = apply_manifest(det, best.manifest, cb)
+    info = export_qdq_onnx(det.net, net.cpu(), best.manifest, run.file("recommended.onnx"), target="size",
                            parity_images=torch.cat([b.images for b in cb])[:4])
-    ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=res.manifest.name,
-                   batches=make_batches(evalset, cfg.imgsz, 1, progress=False))
-    out = {"export": info.model_dump(), "ort_map50_95": ort.map50_95, "torch_map50_95": res.result.map50_95,
-           "ort_latency_ms": ort.latency.median_ms, "runtime": ort.runtime,
-           "speed": _speed_vs_float(det, cfg.imgsz, info.path, run.file("float.onnx"))}
-    append_onnx_section(run.path, res.manifest.name, out)
+    ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=best.manifest.name,
+                   batches=eb)
+    from lowbit import targets
+
+    out = {"export": info.model_dump(), "ort_map50_95": ort.map50_95, "torch_map50_95": best.result.map50_95,
+           "runtime": ort.runtime, "tensorrt": targets.check("tensorrt", best.manifest).summary()}
+    append_onnx_section(run.path, best.manifest.name, out)
     return out
+
+
+def run_demo(out: str | Path | None = None, progress: bool = True, quick: bool = False) -> tuple[dict, dict]:
+    """The demo study on the carried YOLOv10n and images (lowbit/assets/study-demo.yaml): (study summary,
+    {method: sensitivity report}). A re-run with the same `out` resumes from the study's cache. `quick`: the same
+    stages at a toy size (160 px, 8 images each), for tests."""
+    from lowbit.api import demo_assets
+
+    out = Path(out or "runs/demo")
+    cfg = StudyConfig.load(demo_assets()["study"])
+    if quick:
+        cfg = cfg.model_copy(update={"imgsz": 160, "speed_reps": 3, "error_halves": 20,
+                                     "calib": cfg.calib.model_copy(update={"max_images": 8}),
+                                     "eval": cfg.eval.model_copy(update={"max_images": 8})})
+    summary = run_study(cfg, out, progress)
+    return summary, {m: SensitivityReport.load(out / p) for m, p in summary["sensitivity"].items()}

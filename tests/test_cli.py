@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -7,17 +8,54 @@ from lowbit.cli import app
 runner = CliRunner()
 
 
-def test_demo_prints_a_real_table(tmp_path):
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "run")])
+def test_demo_runs_the_whole_pipeline_and_prints_it(tmp_path):
+    """The demo's stages at a toy size: label-free sensitivity, the four schemes (uniform INT8, the mixed INT8/float
+    scheme for OpenVINO, its random twin, the 60%-INT4 storage scheme), each scored on the runtime that runs it,
+    the deployable ones timed there, and a report with both plots and the recommended artifacts."""
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--quick"])
     assert r.exit_code == 0, r.output
-    for word in ("FP32", "W8A8", "W4A16", "mAP50-95"):
-        assert word in r.output
-    rows = json.loads((tmp_path / "run" / "results.json").read_text())
-    maps = {row["scheme"]: row["result"]["map50_95"] for row in rows}
-    # with GPTQ rounding uniform INT4 survives (ModelOpt's max calibration alone collapses to ~0.02)
-    assert maps["FP32"] > 0.3 and maps["W8A8"] > maps["FP32"] - 0.05 and 0.25 < maps["W4A16"] < maps["FP32"]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["formats"] == ["W8A8", "W4A16"]
-    assert (tmp_path / "run" / "run.log").stat().st_size > 0
+    for text in ("layer sensitivity", "most and the least sensitive", "W8A8 score", "W4A16 score", "schemes on openvino-cpu",
+                 "budget-0.3bitops-W8A8", "random-0-like", "budget-5.6-W4A16+W8A16", "recommended:", "noisy"):
+        assert text in r.output, text
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {row["scheme"]: row for row in summary["rows"]}
+    assert {row["kind"] for row in rows.values()} == {"fp32", "uniform", "budget", "random"}
+    assert rows["W8A8"]["runtime"] == "openvino-cpu" and rows["W8A8"]["latency_ms"] > 0 and rows["W8A8"]["speedup"]
+    assert rows["budget-0.3bitops-W8A8"]["deployable"] and rows["random-0-like-budget-0.3bitops-W8A8"]["deployable"]
+    int4 = rows["budget-5.6-W4A16+W8A16"]
+    assert not int4["deployable"] and int4["latency_ms"] is None and 0.55 < int4["int4_share"] < 0.65
+    assert summary["recommended"] in ("W8A8", "budget-0.3bitops-W8A8", "random-0-like-budget-0.3bitops-W8A8")
+    for f in ("study-report.md", "pareto.png", "pareto-latency.png", "recommended-bitmap.png", "recommended.onnx",
+              "recommended_openvino_model/model.xml", "recommended_openvino_model/metadata.yaml"):
+        assert (out / f).stat().st_size > 0, f
+    again = runner.invoke(app, ["demo", "--out", str(out), "--quick"])  # resumes from the study's cache
+    assert again.exit_code == 0 and "evaluated 0 schemes" in again.output
+
+
+def test_lowbit_artifacts_load_back_into_ultralytics(tmp_path, assets):
+    """A lowbit Q/DQ ONNX and its OpenVINO IR folder predict in Ultralytics as its own exports do."""
+    import onnx
+    from ultralytics import YOLO
+
+    from lowbit.export.onnx_qdq import export_float_onnx
+    from lowbit.export.openvino_ir import save_openvino_ir
+    from lowbit.models.ultralytics import load_detector
+
+    det = load_detector(assets["model"], 320)
+    onnx.save(export_float_onnx(det.net, 320), str(tmp_path / "f.onnx"))
+    r = runner.invoke(app, ["quantize-onnx", str(tmp_path / "f.onnx"), "-f", "W8A8", "--calib", assets["calib"],
+                            "--calib-images", "4", "--imgsz", "320", "--onnx", str(tmp_path / "q.onnx"),
+                            "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0 and "deployable" in r.output, r.output
+    ir = save_openvino_ir(tmp_path / "q.onnx", tmp_path / "q_openvino_model")
+    image = str(sorted((Path(assets["val"]).parent.parent / "images").glob("*.jpg"))[0])
+    for path in (tmp_path / "q.onnx", ir):
+        res = YOLO(str(path)).predict(image, imgsz=320, verbose=False)[0]
+        assert res.names[0] == "person" and len(res.boxes) > 0, path
+    # and Ultralytics' validator reads them too (names, stride, imgsz from the metadata lowbit writes)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    assert meta["task"] == "detect" and meta["stride"] == "32" and meta["imgsz"] == "[320, 320]"
 
 
 def test_layers_and_formats(tmp_path):
@@ -48,8 +86,9 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys, monk
         (["eval", "-m", str(tmp_path / "x.onnx"), "-d", assets["val"]], "x.onnx: ONNX file not found"),
         (["check-qdq", str(tmp_path / "x.onnx")], "x.onnx: ONNX file not found"),
         (["check-qdq", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX model"),
-        (["finetune", "-c", str(tmp_path), "--calib", assets["calib"], "--mode", "adaround", "--block-loss", "fishr"],
-         "block_loss: Input should be 'mse', 'fisher' or 'mse+fisher'"),
+        (["finetune", "-c", str(tmp_path), "--train", assets["calib"], "--recipe", "w5"], "unknown recipe 'w5'"),
+        (["eval", "-m", assets["model"], "-d", assets["val"], "--imgsz", "100"],
+         "image size 100 must be a positive multiple of the model's stride 32"),
     ]
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     from lowbit.cli import main

@@ -5,8 +5,9 @@ import onnx
 import pytest
 import torch
 
+from lowbit import targets
 from lowbit.errors import LowbitError
-from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx, tensorrt_verdict
+from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
 from lowbit.formats import parse_format
 from lowbit.quantize.apply import apply_manifest
 from lowbit.quantize.manifest import Manifest
@@ -37,7 +38,7 @@ def test_weight_only_mixed_int4_int8_matches_pytorch(tmp_path, tiny, tiny_batche
     # full-range scales (the default) store -8 where a channel's negative extreme dominates
     assert m.weight_range == "full" and min(int(onnx.numpy_helper.to_array(i).min()) for i in w4) == -8
     assert info.parity_max_abs < 1e-3 * max(1.0, float(np.abs(q(tiny_batches[0].images)[0].numpy()).max()))
-    assert not info.tensorrt_buildable and "INT4" in info.tensorrt_reason
+    assert not info.deployable and "INT4" in info.deploy_note
 
 
 def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batches):
@@ -55,7 +56,7 @@ def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batch
         out = OrtRunner(info.path)(tiny_batches[0].images[:1])
         ref = q(tiny_batches[0].images[:1])[0]
         assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert tensorrt_verdict(_mixed(tiny, ["W8A8"]))[0]
+    assert targets.check("tensorrt", _mixed(tiny, ["W8A8"])).deployable
 
 
 def test_real_model_map_agrees_with_pytorch(tmp_path, yolov10n, demo_val, demo_calib_batches):
@@ -78,39 +79,48 @@ def test_block_size_must_divide_channels(tmp_path, tiny, tiny_batches):
         export_qdq_onnx(tiny.net, q, m, tmp_path / "b.onnx")
 
 
-def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny_batches, monkeypatch):
-    from lowbit.evaluate import bench
+def test_bench_times_present_runtimes_checks_outputs_and_lists_absent_ones(tmp_path, tiny, tiny_batches, monkeypatch):
+    from lowbit.data.loader import Batch
+    from lowbit.evaluate import bench, runners
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
-    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
-    rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=1, reps=3)}
-    assert rows["ort-cpu"].present and rows["ort-cpu"].median_ms > 0
-    assert not rows["ort-cuda"].present and rows["ort-cuda"].median_ms is None and "absent" in rows["ort-cuda"].note
-    ov = rows["openvino-cpu"]  # in the pinned stack: it must run, and say what precision the convs ran in
-    assert ov.present and ov.median_ms > 0
-    # (on this random-weight model a few Q/DQ convs stay f32; on the real YOLOv10n all 82 run as u8)
-    assert sum(n for p, n in ov.executed.items() if p in ("u8", "i8")) > len(m.layers) // 2, ov.executed
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max", imgsz=64)
+    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="openvino-cpu",
+                           calib_images=tiny_batches[0].images.numpy())
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
-    fl = {r.runtime: r for r in bench.bench(tmp_path / "f.onnx", threads=1, warmup=0, reps=1)}["openvino-cpu"]
-    assert set(fl.executed) <= {"f32", "bf16"}, fl.executed
-    # where OpenVINO's default is bf16 (AMX/AVX512-BF16 CPUs), a forced-f32 row is the honest FP32 baseline
-    monkeypatch.setattr(bench, "_openvino_default_precision", lambda: "bf16")
-    rows = {r.runtime: r for r in bench.bench(tmp_path / "f.onnx", threads=1, warmup=0, reps=1)}
-    assert set(rows["openvino-cpu-f32"].executed) == {"f32"} and "float ops as f32" in rows["openvino-cpu-f32"].note
-    assert bench.host_cpu()["cpu"]
-    both = bench.compare_openvino({"int8": (info.path, None), "float": (tmp_path / "f.onnx", "f32")}, threads=1, reps=3)
-    assert list(both) == ["int8", "float"] and both["float"].runtime == "openvino-cpu-f32"
-    assert both["int8"].median_ms > 0 and set(both["float"].executed) == {"f32"} and "u8" in both["int8"].executed
+    models = [tmp_path / "f.onnx", info.path]
+    verify = [Batch(tiny_batches[0].images[:1], [])]
+    rows = {(r.model, r.runtime): r for r in bench.bench_models(models, threads=1, warmup=1, reps=3, verify=verify)}
+    f, q = str(models[0]), str(info.path)
+    assert rows[(f, "ort-cpu")].median_ms > 0 and rows[(f, "ort-cpu")].parity is None  # the reference itself
+    assert not rows[(q, "ort-cuda")].present and rows[(q, "ort-cuda")].median_ms is None
+    assert "absent" in rows[(q, "ort-cuda")].note and not rows[(q, "tensorrt")].present
+    ov = rows[(q, "openvino-cpu")]  # in the pinned stack: it must run, say what the convs ran in, and agree with ORT
+    assert ov.present and ov.median_ms > 0 and ov.parity is not None and ov.parity.ok
+    assert sum(n for p, n in ov.executed.items() if p in ("u8", "i8")) > len(m.layers) // 2, ov.executed
+    assert ov.speedup == pytest.approx(rows[(f, "openvino-cpu")].median_ms / ov.median_ms)
+    assert rows[(f, "ort-cpu")].speedup == 1.0
+    if bench.openvino_default_precision() != "f32":  # the honest FP32 baseline beside OpenVINO's bf16 default
+        assert set(rows[(f, "openvino-cpu-f32")].executed) == {"f32"}
+        assert ov.speedup_vs_f32 == pytest.approx(rows[(f, "openvino-cpu-f32")].median_ms / ov.median_ms)
+
+    # a runtime that computes something else is reported as failing, and is not timed
+    real = runners.OpenVinoRunner._run
+    monkeypatch.setattr(runners.OpenVinoRunner, "_run", lambda self, x: real(self, x) * 0.5)
+    rows = bench.bench_models(models, threads=1, warmup=0, reps=1, verify=verify)
+    bad = [r for r in rows if r.runtime.startswith("openvino")]
+    assert bad and all(r.failed and r.median_ms is None and "DIVERGES" in r.note for r in bad)
+    monkeypatch.undo()
+
     from typer.testing import CliRunner
 
     from lowbit.cli import app
 
-    r = CliRunner().invoke(app, ["bench", str(info.path), str(tmp_path / "f.onnx"), "--interleave", "--threads", "1",
-                                 "--reps", "2", "--json", str(tmp_path / "b.json")])
+    r = CliRunner().invoke(app, ["bench", *map(str, models), "--threads", "1", "--reps", "2", "--verify-images", "2",
+                                 "-o", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
-    got = json.loads((tmp_path / "b.json").read_text())
-    assert got["host"]["cpu"] and set(got["results"]) == {str(info.path), str(tmp_path / "f.onnx")}
-    assert [x["runtime"] for x in got["results"][str(info.path)]].count("openvino-cpu") == 1
+    got = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert got["host"]["cpu"] and {x["model"] for x in got["results"]} == {f, q}
+    assert [x["runtime"] for x in got["results"] if x["model"] == q].count("openvino-cpu") == 1
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     rows = {r.runtime: r for r in bench.bench(info.path, threads=1, warmup=0, reps=1)}
@@ -119,13 +129,13 @@ def test_bench_times_present_runtimes_and_lists_absent_ones(tmp_path, tiny, tiny
 
 def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     from lowbit.evaluate.runners import OrtRunner
-    from lowbit.export.onnx_native import conv_layers, quantize_onnx, uniform_manifest
-    from lowbit.export.onnx_qdq import export_float_onnx
+    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+    from lowbit.quantize.qdq import conv_layers
 
     float_model = export_float_onnx(tiny.net, 64)
     src = tmp_path / "float.onnx"
     src.write_bytes(float_model.SerializeToString())
-    assert len(conv_layers(float_model)) == 83
+    assert len(conv_layers(float_model)) == 83 and [o.name for o in float_model.graph.output] == ["output0"]
     x = tiny_batches[0].images[:1]
     ref = OrtRunner(src)(x)
     m = uniform_manifest(float_model, str(src), "W8A16")
@@ -135,23 +145,115 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     assert w8.weight_dtypes == {"int8": 82} and torch.allclose(out, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
     # full-range INT4 scales (the default): the same codes as the PyTorch path's
     w4m = uniform_manifest(float_model, str(src), "W4A16")
-    native = quantize_onnx(src, w4m, tmp_path / "w4n.onnx")
+    native = quantize_onnx(src, w4m, tmp_path / "w4n.onnx", target="size")
+    assert native.deployable and not targets.check("openvino-cpu", w4m).deployable
     via_torch = export_qdq_onnx(tiny.net, apply_manifest(tiny, w4m, tiny_batches), w4m, tmp_path / "w4t.onnx")
     codes = [{i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(e.path).graph.initializer
               if i.data_type == onnx.TensorProto.INT4} for e in (native, via_torch)]
     assert codes[0].keys() == codes[1].keys() and len(codes[0]) == 82
     assert all(np.array_equal(codes[0][k], codes[1][k]) for k in codes[0])
     assert min(int(c.min()) for c in codes[0].values()) == -8
-    a8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "a8.onnx",
-                       calib_images=tiny_batches[0].images.numpy())
-    assert a8.activation_qdq == 82 and torch.isfinite(OrtRunner(a8.path)(x)).all()
-    scale = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(a8.path).graph.initializer}["model.0.conv.input_scale"]
-    assert float(scale) == pytest.approx(float(tiny_batches[0].images.abs().max()) / 127, rel=1e-6)  # the graph input's range
+    images = tiny_batches[0].images.numpy()
+    a8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "a8.onnx", images, "tensorrt")
+    assert a8.activation_qdq == 82 and a8.activation_dtype == "int8" and torch.isfinite(OrtRunner(a8.path)(x)).all()
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(a8.path).graph.initializer}
+    assert inits["model.0.conv.input_zp"].dtype == np.int8 and int(inits["model.0.conv.input_zp"]) == 0
+    # OpenVINO's encoding: asymmetric UINT8, quantized once where each tensor is produced (a Concat of several
+    # tensors shares one quantizer), every consumer reading it
+    u8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "u8.onnx", images, "openvino-cpu")
+    g = onnx.load(u8.path).graph
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert u8.activation_dtype == "uint8" and len(qs) == u8.activation_qdq < 82
+    consumers = {c.op_type for q in qs for dq in g.node if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]
+                 for c in g.node if dq.output[0] in c.input}
+    assert {"Conv", "Concat"} <= consumers
+    assert torch.allclose(OrtRunner(u8.path)(x), OrtRunner(a8.path)(x), atol=0.2 * float(ref.abs().max()))
     with pytest.raises(LowbitError, match="activation formats need calibration images"):
         quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "x.onnx")
-    bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")})
+    bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")}, weight_clip="max")
     with pytest.raises(LowbitError, match="names layer 'model.99.conv'"):
         quantize_onnx(src, bad, tmp_path / "y.onnx")
+    gptq = Manifest(name="g", model=str(src), layers={"model.0.conv": parse_format("W4A16")}, weight_clip="gptq")
+    with pytest.raises(LowbitError, match="asks for gptq weight rounding, which needs the PyTorch model"):
+        quantize_onnx(src, gptq, tmp_path / "z.onnx")
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "z.onnx").exists()
+
+
+def test_calibrators_choose_the_ranges_they_promise():
+    from lowbit.quantize.onnx_ptq import ActivationCalibration, InputStats, choose_range
+
+    rng = np.random.default_rng(0)
+    st = InputStats()
+    for _ in range(8):  # SiLU-like activations with one huge outlier per image
+        x = np.maximum(rng.normal(0.5, 1.0, (1, 4, 32, 32)), -0.28).astype(np.float32)
+        x[0, 0, 0, 0] = 40.0
+        st.add(x, 512, rng)
+    cal = lambda method: ActivationCalibration(method=method)  # noqa: E731
+    mx = choose_range(st, "uint8", cal("max"), None)
+    assert mx.dtype == "uint8" and mx.scale == pytest.approx((40.0 + 0.28) / 255, rel=1e-3)
+    assert mx.fake(np.array([-0.28, 40.0], np.float32)) == pytest.approx([-0.28, 40.0], abs=mx.scale)
+    sym = choose_range(st, "int8", cal("max"), None)
+    assert sym.zero_point == 0 and sym.scale == pytest.approx(40.0 / 127, rel=1e-6)
+    # the outlier is in every image: the mean of per-image maxima keeps it; a percentile and MSE clip it
+    assert choose_range(st, "uint8", cal("mean-minmax"), None).scale == pytest.approx(mx.scale, rel=1e-3)
+    pct = choose_range(st, "uint8", ActivationCalibration(method="percentile", percentile=99.9), None)
+    assert pct.scale < mx.scale / 4
+    # mse: the least quantization error on the sampled values, clipping included, among its candidate ranges
+    m = choose_range(st, "uint8", cal("mse"), None)
+    sample = st.sample
+    err = lambda q: float(((q.fake(sample) - sample) ** 2).mean())  # noqa: E731
+    assert err(m) <= err(mx) and err(m) < err(pct)
+    # zero is exactly representable (padding and zeros stay exact)
+    assert m.fake(np.zeros(1, np.float32))[0] == 0.0
+
+
+def test_deployability_rules_per_target():
+    from lowbit.targets import check, layer_verdict
+
+    fmt = parse_format
+    assert layer_verdict("openvino-cpu", fmt("W8A8"))[0] and layer_verdict("tensorrt", fmt("W8A8"))[0]
+    for target in ("openvino-cpu", "tensorrt", "onnxruntime-cpu"):
+        ok, why = layer_verdict(target, fmt("W4A8"))
+        assert not ok and "INT4" in why  # INT4 convolutions run faster nowhere
+        assert not layer_verdict(target, fmt("W4A16"))[0] and not layer_verdict(target, fmt("W8A16"))[0]
+        assert not layer_verdict(target, fmt("W8A8:b32"))[0]
+    assert layer_verdict("size", fmt("W4A16"))[0]
+    assert layer_verdict("tensorrt", fmt("W8A8-FP8"))[0]
+    ok, why = layer_verdict("tensorrt", fmt("W8A8-FP8"), groups=32)
+    assert not ok and "depthwise" in why  # FP8 grouped/depthwise convs are flagged for TensorRT
+    assert not layer_verdict("openvino-cpu", fmt("W8A8-FP8"))[0]
+    m = Manifest(name="m", model="x", layers={"a": fmt("W8A8"), "b": fmt("W4A16")})
+    rep = check("openvino-cpu", m)
+    assert not rep.deployable and set(rep.not_low_precision) == {"b"} and "1 of 2" in rep.summary()
+    assert check("size", m).deployable
+    with pytest.raises(LowbitError, match="unknown target 'gpu'"):
+        check("gpu", m)
+
+
+def test_openvino_artifact_agrees_with_onnx_runtime_on_real_images(tmp_path, yolov10n, demo_val):
+    """lowbit's INT8 artifact for OpenVINO computes on OpenVINO what ONNX Runtime computes on the same graph:
+    the check whose absence let OpenVINO timings of mis-computed graphs pass for speed-ups."""
+    from lowbit.data.loader import make_batches
+    from lowbit.evaluate import parity
+    from lowbit.evaluate.runners import make_runner
+    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+
+    onnx.save(export_float_onnx(yolov10n.net, 640), str(tmp_path / "f.onnx"))
+    batches = make_batches(demo_val.subset(6), 640, 1)
+    calib = torch.cat([b.images for b in batches[:4]]).numpy()
+    m = uniform_manifest(onnx.load(str(tmp_path / "f.onnx")), str(tmp_path / "f.onnx"), "W8A8")
+    info = quantize_onnx(tmp_path / "f.onnx", m, tmp_path / "ov.onnx", calib, "openvino-cpu")
+    ref = make_runner(info.path, "onnxruntime")
+    for runtime in ("openvino", "openvino-f32"):
+        p = parity.check(ref, make_runner(info.path, runtime), batches, 80, 640)
+        assert p.ok and p.reference_detections > 10, p.note
+    # and the check is not blind: the same graph with its activation scales doubled on one runtime is caught
+    broken = onnx.load(info.path)
+    for i in broken.graph.initializer:
+        if i.name.endswith(".act_scale"):
+            i.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(i) * np.float32(8), i.name))
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    assert not parity.check(ref, make_runner(tmp_path / "broken.onnx", "openvino"), batches, 80, 640).ok
 
 
 def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches):
@@ -193,18 +295,11 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     assert got[0].origin["predicted_ms"] == pytest.approx(predict_ms(table, {n: f.name for n, f in chosen.layers.items()}))
     assert got[0].origin["predicted_float_ms"] == pytest.approx(table["wall_ms"]["FP16"])
 
-    # the study report sets the prediction beside the measurement on the table's runtime
-    from lowbit.report.study_report import append_speed_section
+    # the study report sets the prediction beside the measurement
+    from lowbit.report.study_report import _predicted_vs_measured
 
-    (tmp_path / "study-report.md").write_text("# r\n")
-    rt = table["runtime"]
-    speed = {"runtimes": [rt], "threads": 1, "rows": [
-        {"scheme": "FP32", "map50_95": 0.4, "bench": [{"runtime": rt, "median_ms": 30.0}]},
-        {"scheme": "lat", "map50_95": 0.39, "bench": [{"runtime": rt, "median_ms": 25.0}],
-         "predicted_ms": 20.0, "predicted_float_ms": 32.0, "latency_runtime": rt, "latency_threads": 1}]}
-    append_speed_section(tmp_path, speed)
-    row = [ln for ln in (tmp_path / "study-report.md").read_text().splitlines() if ln.startswith("| lat | openvino")]
-    assert row == [f"| lat | {rt} | 20.0 ms | 25.0 ms | -20.0% | 1.60x | 1.20x | +33.3% |"]
+    rows = [{"scheme": "lat", "predicted_ms": 20.0, "predicted_float_ms": 32.0, "latency_ms": 25.0, "speedup": 1.2}]
+    assert "| lat | 20.0 ms | 25.0 ms | -20.0% | 1.60x | 1.20x | +33.3% |" in _predicted_vs_measured(rows)
     with pytest.raises(LowbitError, match="search.latency_table .*missing.json: file not found"):
         _search(cfg, spec.model_copy(update={"latency_table": str(tmp_path / "missing.json")}), {"t": rep}, tiny, None,
                 tmp_path, None, None)

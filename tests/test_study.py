@@ -63,10 +63,10 @@ def test_bad_study_config_names_the_field(tmp_path):
 
 
 def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
-    cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "export_onnx": True,
+    cfg = {"name": "ft", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "target": "size",
            "calib": {"path": assets["calib"], "max_images": 8}, "eval": {"path": assets["val"], "max_images": 4},
            "search": [], "uniform": ["W4A16"], "max_drop_points": [100],
-           "finetune": {"schemes": ["W4A16"], "config": {"epochs": 1, "lr": 1e-4, "batch": 4}}, "speed": True}
+           "finetune": {"schemes": ["W4A16"], "config": {"block_steps": 2, "batch": 4, "block_loss": "mse"}}}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -75,18 +75,37 @@ def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
     assert rows["W4A16+ft"]["kind"] == "finetune" and rows["W4A16+ft"]["int4_share"] == 1.0
     report = (out / "study-report.md").read_text()
     assert "## Fine-tuning" in report and "| W4A16 |" in report
-    # the recommended scheme (fewest bits: W4A16 or its tuned twin) ships as ONNX, timed beside FP32
-    assert (out / "recommended.onnx").is_file() and "| ort-cpu |" in report and "| openvino-cpu |" in report
-    assert first["work"] == {"evaluated": 3, "cached": 0}
-    # every scheme timed on every runtime; the tuned twin shares its base's graph, so its timing too
-    speed = {r["scheme"]: {b["runtime"]: b for b in r["bench"]} for r in first["speed"]["rows"]}
-    assert set(speed) == {"FP32", "W4A16", "W4A16+ft"} and first["speed"]["timed"] == 2
-    assert speed["FP32"]["ort-cpu"]["median_ms"] > 0 and speed["W4A16"] == speed["W4A16+ft"]
-    section = report.split("## Deployed speed of every scheme")[1]
-    assert "| W4A16+ft | " in section and "Within 100 point(s) of FP32, fastest on ort-cpu:" in section
+    # a size study's pick (fewest bits: W4A16 or its tuned twin) ships as a Q/DQ ONNX, labelled a storage result
+    assert (out / "recommended.onnx").is_file() and "## Storage artifact" in report and "storage result" in report
+    assert "TensorRT:" in report and "INT4" in report
+    assert first["work"] == {"evaluated": 3, "cached": 0} and first["speed"] is None
     again = run_study(StudyConfig.load(p), out, progress=False)
-    assert again["work"] == {"evaluated": 0, "cached": 3} and again["speed"]["timed"] == 0
+    assert again["work"] == {"evaluated": 0, "cached": 3}
     cfg["calib"] = cfg["eval"]  # training on the evaluation images is refused
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(LowbitError, match="share 4 image"):
         run_study(StudyConfig.load(p), tmp_path / "run2", progress=False)
+
+
+def test_openvino_study_scores_artifacts_on_openvino_and_recommends_a_deployable_one(tmp_path, assets):
+    cfg = {"name": "ov", "model": assets["model"], "imgsz": 160, "eval_batch": 4, "target": "openvino-cpu",
+           "weight_clip": "max", "calib": {"path": assets["calib"], "max_images": 8},
+           "eval": {"path": assets["val"], "max_images": 6}, "search": [], "uniform": ["W8A8", "W4A16"],
+           "max_drop_points": [100], "speed_reps": 3, "speed_threads": 1}
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    first = run_study(StudyConfig.load(p), out, progress=False)
+    rows = {r["scheme"]: r for r in first["rows"]}
+    # the float model and the INT8 scheme are scored as graphs on OpenVINO, and timed there beside each other
+    assert rows["FP32"]["runtime"] == rows["W8A8"]["runtime"] == "openvino-cpu"
+    assert rows["W8A8"]["deployable"] and rows["W8A8"]["latency_ms"] > 0 and rows["FP32"]["speedup"] == 1.0
+    assert rows["W8A8"]["parity"]["agreement"] >= 0 and not rows["W8A8"]["speed_failed"]
+    # INT4 convolutions run faster nowhere: scored in PyTorch, marked, never recommended for a speed target
+    assert not rows["W4A16"]["deployable"] and rows["W4A16"]["runtime"].startswith("torch")
+    assert rows["W4A16"]["latency_ms"] is None
+    assert first["recommended"] == "W8A8" and (out / "recommended.onnx").is_file()
+    report = (out / "study-report.md").read_text()
+    assert "Not deployable on openvino-cpu" in report and (out / "pareto-latency.png").stat().st_size > 0
+    again = run_study(StudyConfig.load(p), out, progress=False)
+    assert again["work"]["evaluated"] == 0 and again["rows"] == first["rows"]

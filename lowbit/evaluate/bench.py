@@ -1,4 +1,12 @@
-"""`lowbit bench`: latency of an ONNX model on every runtime present; absent runtimes say so."""
+"""`lowbit bench`: latency of detector graphs on every runtime present, each runtime's outputs checked first.
+
+Two rules, both because a number that looks like a speed-up can be something else:
+- A runtime whose detections diverge from the reference runtime's on real images (lowbit.evaluate.parity) is
+  reported as failing, with no timing: OpenVINO once ran lowbit's INT8 graphs 2x faster while computing garbage.
+- Graphs are timed interleaved (one inference of each in turn, the order rotating every round), so a shared
+  machine's drift (other tenants, clocks) falls on all of them alike; timed one after another, the same graph's
+  median moved by 20% or more between blocks. Speed-ups are ratios within one interleaved run.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from lowbit.errors import LowbitError
+from lowbit.evaluate.parity import Parity
 
 
 class BenchResult(BaseModel):
+    model: str = ""
     runtime: str
     present: bool
     note: str = ""
@@ -23,6 +33,13 @@ class BenchResult(BaseModel):
     p90_ms: float | None = None
     throughput_ips: float | None = None
     executed: dict[str, int] | None = None  # convolutions per precision the runtime actually ran them in
+    parity: Parity | None = None  # outputs against the reference runtime; None for the reference itself
+    speedup: float | None = None  # the first model's median over this one's, same runtime, same interleaved run
+    speedup_vs_f32: float | None = None  # OpenVINO rows: over the first model forced to f32 (the true FP32 baseline)
+
+    @property
+    def failed(self) -> bool:
+        return self.parity is not None and not self.parity.ok
 
 
 def _ort_providers() -> list[str]:
@@ -41,18 +58,6 @@ def runtimes() -> dict[str, tuple[bool, str]]:
         "tensorrt": (importlib.util.find_spec("tensorrt") is not None or shutil.which("trtexec") is not None,
                      "needs TensorRT (python package or trtexec); lowbit has no runner for it yet"),
     }
-
-
-def _timed(run, x, warmup: int, reps: int) -> list[float]:
-    """Milliseconds of each of `reps` runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
 
 
 def host_cpu() -> dict:
@@ -76,120 +81,156 @@ def host_cpu() -> dict:
     return {"cpu": name, "isa": isa}
 
 
-def _openvino_default_precision() -> str:
+def openvino_default_precision() -> str:
     import openvino as ov
 
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
 
-def _compile_openvino(path: Path, threads: int | None, precision: str | None):
-    """(compiled model, None) or (None, why it cannot compile)."""
-    import openvino as ov
-
-    cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
-           **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
-    try:
-        return ov.Core().compile_model(str(path), "CPU", cfg), None
-    except RuntimeError as e:  # OpenVINO nests its reason under several "Exception from <file>" lines
-        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Exception from")]
-        why = next((line for line in lines if "THROWN" in line), lines[-1] if lines else str(e))
-        return None, f"cannot compile: {why[:300]}"
-
-
-def _openvino_result(compiled, runtime: str, threads: int | None, times: list[float]) -> BenchResult:
-    """Which precision each convolution really ran in comes from the compiled model's runtime graph
-    (`runtimePrecision`), so an INT8 claim is checked, not assumed."""
-    from collections import Counter
-
-    executed = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
-                       if op.get_rt_info()["layerType"].astype(str) == "Convolution")
-    hint = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-    batch = compiled.input(0).partial_shape[0]
-    batch = batch.get_length() if batch.is_static else 1
-    med = float(np.median(times))
-    return BenchResult(runtime=runtime, present=True, batch=batch, threads=threads, median_ms=med,
-                       p90_ms=float(np.percentile(times, 90)), throughput_ips=batch * 1e3 / med, executed=dict(executed),
-                       note=f"convs ran as {', '.join(f'{n} {p}' for p, n in executed.most_common())}; float ops as {hint}")
+def interleaved(runs: dict[str, tuple], warmup: int = 5, reps: int = 30) -> dict[str, list[float]]:
+    """Milliseconds of each `runs` entry ({label: (callable, input)}), one call of each in turn per round, the
+    order rotating every round."""
+    for fn, x in runs.values():
+        for _ in range(warmup):
+            fn(x)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    order = list(runs)
+    for r in range(reps):
+        for label in order[r % len(order):] + order[:r % len(order)]:
+            fn, x = runs[label]
+            t = time.perf_counter()
+            fn(x)
+            times[label].append((time.perf_counter() - t) * 1e3)
+    return times
 
 
-def _input_for(compiled) -> np.ndarray:
-    shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).partial_shape]
-    return np.random.default_rng(0).random(shape, dtype=np.float32)
+def _runners_for(path: Path, threads: int | None, present: dict[str, tuple[bool, str]]) -> list[tuple[str, object]]:
+    """(runtime row name, runner or why not) for every runtime row that applies to this graph."""
+    from lowbit.evaluate.runners import OpenVinoRunner, OrtRunner
+
+    rows: list[tuple[str, object]] = []
+    is_onnx = path.suffix == ".onnx"
+    for name, (ok, note) in present.items():
+        if not ok:
+            rows.append((name, f"absent: {note}"))
+            continue
+        try:
+            if name.startswith("ort-") and is_onnx:
+                rows.append((name, OrtRunner(path, ["CPUExecutionProvider" if name == "ort-cpu" else "CUDAExecutionProvider"],
+                                             threads)))
+            elif name == "openvino-cpu":
+                rows.append((name, OpenVinoRunner(path, None, threads)))
+                if openvino_default_precision() != "f32":  # also the true FP32 baseline, beside the default bf16
+                    rows.append(("openvino-cpu-f32", OpenVinoRunner(path, "f32", threads)))
+            elif name == "tensorrt":
+                rows.append((name, note))
+        except LowbitError as e:
+            rows.append((name, str(e).removeprefix(f"{path}: ")))
+    return rows
 
 
-def _time_openvino(path: Path, threads: int | None, warmup: int, reps: int, precision: str | None = None) -> BenchResult:
-    """OpenVINO on the CPU, latency hint. `precision` forces the float ops' precision (OpenVINO's default is
-    bf16 on CPUs with AMX or AVX512-BF16, which silently makes an "FP32" timing a BF16 one); the row is then
-    named `openvino-cpu-<precision>`."""
-    runtime = f"openvino-cpu-{precision}" if precision else "openvino-cpu"
-    compiled, why = _compile_openvino(path, threads, precision)
-    if compiled is None:
-        return BenchResult(runtime=runtime, present=True, note=why)
-    req = compiled.create_infer_request()
-    return _openvino_result(compiled, runtime, threads, _timed(lambda v: req.infer({0: v}), _input_for(compiled), warmup, reps))
+def bench_models(models: list[str | Path], threads: int | None = None, warmup: int = 5, reps: int = 30,
+                 verify=None, nc: int = 80, progress: bool = False) -> list[BenchResult]:
+    """Every graph (.onnx, or an OpenVINO IR) on every runtime present, timed together, interleaved.
+
+    `verify`: batches of real images (lowbit.data.loader) on which each runtime's detections are first checked
+    against ONNX Runtime's on the same graph; a runtime that diverges gets no timing. The first model is the
+    baseline of each row's speed-up."""
+    from lowbit.evaluate import parity
+    from lowbit.evaluate.runners import OpenVinoRunner, openvino_model_file
+
+    present = runtimes()
+    results: list[BenchResult] = []
+    runs: dict[str, tuple] = {}
+    live: dict[str, tuple[BenchResult, object]] = {}
+    fitted: dict = {}
+    for m in models:
+        path = Path(m)
+        if not path.exists():
+            raise LowbitError(f"{path}: model file not found")
+        if path.suffix != ".onnx":
+            path = openvino_model_file(path)
+        rows = _runners_for(path, threads, present)
+        ref = next((r for name, r in rows if name == "ort-cpu" and not isinstance(r, str)), None)
+        for name, r in rows:
+            res = BenchResult(model=str(m), runtime=name, present=present.get(name, (True,))[0], threads=threads)
+            results.append(res)
+            if isinstance(r, str):
+                res.note = r
+                continue
+            res.batch = r.batch or 1
+            if verify is not None and ref is not None and r is not ref:
+                res.parity = parity.check(ref, r, _fit(verify, r, fitted), nc, r.input_shape[-1])
+                res.note = res.parity.note
+                if res.failed:
+                    continue
+            elif verify is not None and ref is None:
+                res.note = "no reference runtime reads this graph: check its mAP with `lowbit eval --runtime openvino`"
+            x = r.random_input()
+            runs[f"{len(results)}"] = ((lambda v, r=r: r._run(v)), x)
+            live[f"{len(results)}"] = (res, r)
+    times = interleaved(runs, warmup, reps) if runs else {}
+    for label, (res, r) in live.items():
+        t = times[label]
+        med = float(np.median(t))
+        res.median_ms, res.p90_ms, res.throughput_ips = med, float(np.percentile(t, 90)), res.batch * 1e3 / med
+        if isinstance(r, OpenVinoRunner):
+            res.executed = r.executed_precisions()
+            ran = ", ".join(f"{n} {p}" for p, n in sorted(res.executed.items(), key=lambda kv: -kv[1]))
+            res.note = "; ".join(x for x in (res.note, f"convs ran as {ran}; float ops as {r.precision}") if x)
+    first = {r.runtime: r for r in results if r.model == str(models[0]) and r.median_ms}
+    f32 = first.get("openvino-cpu-f32") or (first.get("openvino-cpu") if present["openvino-cpu"][0]
+                                            and openvino_default_precision() == "f32" else None)
+    for r in results:
+        if r.median_ms and r.runtime in first:
+            r.speedup = first[r.runtime].median_ms / r.median_ms
+        if r.median_ms and r.runtime.startswith("openvino") and f32:
+            r.speedup_vs_f32 = f32.median_ms / r.median_ms
+    return results
+
+
+def _fit(batches, runner, cache: dict):
+    """The verify images at the graph's input size (letterboxed again where it differs; a runner takes any batch)."""
+    from lowbit.data.datasets import Dataset
+    from lowbit.data.loader import make_batches
+
+    size = runner.input_shape[-1]
+    if batches[0].images.shape[-1] == size:
+        return batches
+    if size not in cache:
+        cache[size] = make_batches(Dataset("verify", [it.record for b in batches for it in b.items]), size, 1)
+    return cache[size]
+
+
+def bench(path: str | Path, threads: int | None = None, warmup: int = 5, reps: int = 30,
+          verify=None) -> list[BenchResult]:
+    """One graph on every runtime present (`bench_models` with one model)."""
+    return bench_models([path], threads, warmup, reps, verify)
 
 
 def compare_openvino(graphs: dict[str, tuple[str | Path, str | None]], threads: int | None = None, warmup: int = 5,
                      reps: int = 50) -> dict[str, BenchResult]:
-    """Several graphs ({label: (ONNX path, float precision or None)}) timed one inference each in turn, the
-    order rotating every round, so a shared machine's drift (other tenants, clocks) falls on all of them
-    alike; timing each graph in its own block let such drift pass for a speed-up of 20% or more."""
-    compiled = {}
-    out = {}
+    """Several graphs ({label: (graph path, float precision or None)}) on OpenVINO, timed interleaved."""
+    from lowbit.evaluate.runners import OpenVinoRunner
+
+    out, runs, runners = {}, {}, {}
     for label, (path, precision) in graphs.items():
-        c, why = _compile_openvino(Path(path), threads, precision)
-        if c is None:
-            out[label] = BenchResult(runtime="openvino-cpu", present=True, note=why)
-        else:
-            compiled[label] = (c, c.create_infer_request(), _input_for(c))
-    for _, req, x in compiled.values():
-        for _ in range(warmup):
-            req.infer({0: x})
-    times: dict[str, list[float]] = {label: [] for label in compiled}
-    order = list(compiled)
-    for r in range(reps):
-        for label in order[r % len(order):] + order[:r % len(order)]:
-            _, req, x = compiled[label]
-            t = time.perf_counter()
-            req.infer({0: x})
-            times[label].append((time.perf_counter() - t) * 1e3)
-    for label, (c, _, _) in compiled.items():
-        precision = graphs[label][1]
-        out[label] = _openvino_result(c, f"openvino-cpu-{precision}" if precision else "openvino-cpu", threads, times[label])
-    return {label: out[label] for label in graphs}
-
-
-def _time_ort(path: Path, provider: str, threads: int | None, warmup: int, reps: int) -> BenchResult:
-    from lowbit.evaluate.runners import OrtRunner
-
-    runner = OrtRunner(path, [provider], threads)  # same session options (and FP8 fallback) as evaluation
-    inp = runner.session.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    times = _timed(lambda v: runner.session.run(None, {inp.name: v}), x, warmup, reps)
-    med, p90 = float(np.median(times)), float(np.percentile(times, 90))
-    return BenchResult(runtime=runner.name, present=True, batch=shape[0], threads=threads, median_ms=med,
-                       p90_ms=p90, throughput_ips=shape[0] * 1e3 / med)
-
-
-def bench(path: str | Path, threads: int | None = None, warmup: int = 5, reps: int = 30,
-          skip: tuple[str, ...] = ()) -> list[BenchResult]:
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"{path}: ONNX file not found")
-    out = []
-    for name, (present, note) in runtimes().items():
-        if name in skip:
+        runtime = f"openvino-cpu-{precision}" if precision else "openvino-cpu"
+        try:
+            r = OpenVinoRunner(path, precision, threads)
+        except LowbitError as e:
+            out[label] = BenchResult(model=str(path), runtime=runtime, present=True, note=str(e))
             continue
-        if not present:
-            out.append(BenchResult(runtime=name, present=False, note=f"absent: {note}"))
-        elif name.startswith("ort-"):
-            provider = "CPUExecutionProvider" if name == "ort-cpu" else "CUDAExecutionProvider"
-            out.append(_time_ort(path, provider, threads, warmup, reps))
-        elif name == "openvino-cpu":
-            out.append(_time_openvino(path, threads, warmup, reps))
-            if _openvino_default_precision() != "f32":  # also the true FP32 baseline, beside the default bf16
-                out.append(_time_openvino(path, threads, warmup, reps, precision="f32"))
-        else:
-            out.append(BenchResult(runtime=name, present=True, note=note))
-    return out
+        runners[label] = r
+        runs[label] = ((lambda v, r=r: r._run(v)), r.random_input())
+    times = interleaved(runs, warmup, reps)
+    for label, r in runners.items():
+        t = times[label]
+        med = float(np.median(t))
+        executed = r.executed_precisions()
+        out[label] = BenchResult(model=str(graphs[label][0]), runtime=r.name, present=True, threads=threads,
+                                 batch=r.batch or 1, median_ms=med, p90_ms=float(np.percentile(t, 90)),
+                                 throughput_ips=(r.batch or 1) * 1e3 / med, executed=executed,
+                                 note=f"convs ran as {', '.join(f'{n} {p}' for p, n in executed.items())}; "
+                                      f"float ops as {r.precision}")
+    return {label: out[label] for label in graphs}

@@ -105,14 +105,21 @@ def load_detections(folder: str | Path) -> list[dict] | None:
 
 def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, batch_size: int = 1,
              device: str = "cpu", warmup: int = 3, batches: list[Batch] | None = None,
-             progress: bool = True, model_name: str | None = None, threads: int | None = None) -> EvalResult:
-    """mAP of a detector (torch module, Detector or .onnx path) on a labelled dataset, plus latency.
+             progress: bool = True, model_name: str | None = None, threads: int | None = None,
+             runtime: str | None = None) -> EvalResult:
+    """mAP of a detector (torch module, Detector, .onnx path or OpenVINO IR) on a labelled dataset, plus latency,
+    on `runtime` (lowbit.evaluate.runners; default: torch for a module, onnxruntime for an .onnx).
 
     Latency covers the model's forward only (no decode or NMS), per image, after `warmup` runs.
     """
     if not dataset.has_labels:
         raise LowbitError(f"{dataset.source}: evaluation needs labels (a COCO json or Ultralytics labels)")
-    runner = make_runner(model, device=device, threads=threads)
+    if imgsz <= 0:
+        raise LowbitError(f"image size {imgsz}: must be positive")
+    runner = make_runner(model, runtime, device=device, threads=threads)
+    size = getattr(runner, "input_shape", [None])[-1]
+    if isinstance(size, int) and size > 0 and size != imgsz:
+        raise LowbitError(f"{model}: its input takes {size}x{size} images; evaluate it with --imgsz {size}")
     cat_ids = dataset.category_ids(names)
     if batches is None:
         batches = make_batches(dataset, imgsz, batch_size, progress=progress)

@@ -1,7 +1,7 @@
 """Per-layer latency from a runtime's own profiler, as a table the search can use as the cost of a choice.
 
 OpenVINO's CPU profiler times every executed node; each Conv is mapped back to its PyTorch layer through
-its weight input (`<layer>.weight` in a float export, `<layer>.weight_dq` behind lowbit's Q/DQ). The table
+its weight input or node name (lowbit.quantize.qdq.layer_of_conv). The table
 holds, per layer, the milliseconds of that conv in each graph given: the float graph under the key
 "FP16" (the search's name for "left in float"; it runs f32 on a CPU without BF16) and one Q/DQ graph per
 format, scaled to wall-clock time per precision (see `latency_table`). Everything that is not a conv is the
@@ -28,7 +28,9 @@ CONV_TYPES = ("Convolution", "GroupConvolution")
 
 
 def _layer_of_conv(node) -> str:
-    return node.input[1].removesuffix("_dq").removesuffix(".weight")
+    from lowbit.quantize.qdq import layer_of_conv
+
+    return layer_of_conv(node)
 
 
 def _layer_of_node(path: Path) -> dict[str, str]:
@@ -68,20 +70,21 @@ def mix_qdq_graph(float_onnx: str | Path, qdq_onnx: str | Path, keep: set[str], 
     the float graph: mixed schemes for timing, without PyTorch or calibration."""
     import onnx
 
-    from lowbit.export.onnx_qdq import drop_unused_initializers
     from lowbit.io import atomic_write_bytes
+    from lowbit.quantize.qdq import conv_layers, drop_unused_initializers
 
     fl, q = onnx.load(str(float_onnx)), onnx.load(str(qdq_onnx))
     weights = {t.name: t for t in fl.graph.initializer}
+    float_weight = {name: ref.weight for name, ref in conv_layers(fl).items()}
     g = q.graph
     producer = {o: n for n in g.node for o in n.output}
     for conv in g.node:
         if conv.op_type != "Conv" or len(conv.input) < 2 or _layer_of_conv(conv) in keep:
             continue
         layer = _layer_of_conv(conv)
-        if conv.input[1] != f"{layer}.weight":
-            g.initializer.append(weights[f"{layer}.weight"])
-            conv.input[1] = f"{layer}.weight"
+        if conv.input[1] != float_weight[layer]:
+            g.initializer.append(weights[float_weight[layer]])
+            conv.input[1] = float_weight[layer]
         dq = producer.get(conv.input[0])
         if dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0]) is not None \
                 and producer[dq.input[0]].op_type == "QuantizeLinear":

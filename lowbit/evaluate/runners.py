@@ -1,7 +1,19 @@
-"""One interface over PyTorch modules and ONNX files: `runner(batch) -> raw model output`."""
+"""One interface over the runtimes that run a detector: `runner(batch) -> raw model output`.
+
+The same runner serves accuracy (`lowbit eval --runtime`), output parity and latency (`lowbit bench`), so a
+speed-up is always reported for the computation whose mAP was measured: OpenVINO can compute a Q/DQ graph
+differently from ONNX Runtime (docs/openvino-int8-concat.md), so a graph's accuracy on one runtime says
+nothing about another.
+
+Runtimes: `torch` (a PyTorch module), `onnxruntime` (CPU, or CUDA with onnxruntime-gpu), `openvino` (CPU, the
+runtime's default inference precision: BF16 on CPUs with AVX512-BF16 or AMX) and `openvino-f32` (float ops
+forced to f32). OpenVINO also reads its own IR (`model.xml`, or a folder holding one, as Ultralytics and
+NNCF write them).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -9,6 +21,8 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+
+RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-f32")
 
 
 class TorchRunner:
@@ -34,7 +48,37 @@ class TorchRunner:
             torch.cuda.synchronize()
 
 
-class OrtRunner:
+def _static_batch(shape) -> int | None:
+    d = shape[0] if len(shape) else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
+class _GraphRunner:
+    """A compiled graph with a fixed input batch runs a larger batch image by image."""
+
+    batch: int | None = None
+    input_shape: list
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.numpy().astype(np.float32)
+        if self.batch is None or x.shape[0] == self.batch:
+            return torch.from_numpy(np.asarray(self._run(x)))
+        if x.shape[0] % self.batch:
+            raise LowbitError(f"{self.path}: its input takes batches of {self.batch}; got {x.shape[0]} images")
+        return torch.from_numpy(np.concatenate([self._run(c) for c in np.split(x, x.shape[0] // self.batch)]))
+
+    def sync(self) -> None:
+        pass
+
+    def random_input(self) -> np.ndarray:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in self.input_shape]
+        return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+class OrtRunner(_GraphRunner):
     kind = "onnx"
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
@@ -43,6 +87,7 @@ class OrtRunner:
         path = Path(path)
         if not path.is_file():
             raise LowbitError(f"{path}: ONNX file not found")
+        self.path = path
         if "CUDAExecutionProvider" in (providers or []) and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* pip packages (PyTorch's) only when asked;
             # otherwise the session quietly falls back to the CPU
@@ -50,6 +95,9 @@ class OrtRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # ONNX Runtime's idle threads spin on the cores after each run; interleaved with another runtime's
+        # inference (lowbit bench) that spinning would be timed as the other runtime's slowness
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         suffix = ""
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
@@ -63,23 +111,103 @@ class OrtRunner:
             suffix = "-basicopt"
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = self.session.get_inputs()[0].shape
+        self.batch = _static_batch(self.input_shape)
         self.name = f"ort-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}{suffix}"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})
-        return torch.from_numpy(out[0])
-
-    def sync(self) -> None:
-        pass
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
 
 
-def make_runner(model, device: str = "cpu", providers: list[str] | None = None, threads: int | None = None):
-    """A runner for a Detector, a torch module, or a path to an .onnx file."""
-    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
-        return OrtRunner(model, providers, threads)
+def openvino_model_file(path: str | Path) -> Path:
+    """The file OpenVINO reads for `path`: an .onnx, an IR .xml, or the one .xml in an IR folder."""
+    path = Path(path)
+    if path.is_dir():
+        xmls = sorted(path.glob("*.xml"))
+        if len(xmls) != 1:
+            raise LowbitError(f"{path}: an OpenVINO IR folder holds one .xml model; found {len(xmls)}")
+        return xmls[0]
+    if not path.is_file():
+        raise LowbitError(f"{path}: model file not found")
+    return path
+
+
+def openvino_config(precision: str | None, threads: int | None) -> dict:
+    return {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
+            **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
+
+
+def compile_openvino(path: str | Path, precision: str | None = None, threads: int | None = None):
+    """(compiled model, None), or (None, why it cannot compile) in one line."""
+    import openvino as ov
+
+    try:
+        return ov.Core().compile_model(str(openvino_model_file(path)), "CPU", openvino_config(precision, threads)), None
+    except RuntimeError as e:  # OpenVINO nests its reason under several "Exception from <file>" lines
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Exception from")]
+        why = next((line for line in lines if "THROWN" in line), lines[-1] if lines else str(e))
+        return None, f"cannot compile: {why[:300]}"
+
+
+class OpenVinoRunner(_GraphRunner):
+    """OpenVINO on the CPU with the latency hint. `precision` forces the float ops' precision ("f32");
+    None keeps OpenVINO's default, which is BF16 on CPUs with AVX512-BF16 or AMX."""
+
+    kind = "openvino"
+
+    def __init__(self, path: str | Path, precision: str | None = None, threads: int | None = None):
+        if importlib.util.find_spec("openvino") is None:
+            raise LowbitError("the openvino runtime is not installed")
+        self.path = Path(path)
+        self.compiled, why = compile_openvino(path, precision, threads)
+        if self.compiled is None:
+            raise LowbitError(f"{path}: OpenVINO {why}")
+        self.request = self.compiled.create_infer_request()
+        ps = self.compiled.input(0).partial_shape
+        self.input_shape = [d.get_length() if d.is_static else -1 for d in ps]
+        self.batch = _static_batch(self.input_shape)
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.name = f"openvino-cpu-{precision}" if precision else "openvino-cpu"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer({0: x})[self.compiled.output(0)])
+
+    def executed_precisions(self) -> dict[str, int]:
+        """Convolutions per precision OpenVINO really runs them in, read from its runtime graph."""
+        from collections import Counter
+
+        return dict(Counter(op.get_rt_info()["runtimePrecision"].astype(str)
+                            for op in self.compiled.get_runtime_model().get_ordered_ops()
+                            if op.get_rt_info()["layerType"].astype(str) in ("Convolution", "GroupConvolution")))
+
+
+def default_runtime(model) -> str:
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        return "openvino" if p.suffix == ".xml" or p.is_dir() and any(p.glob("*.xml")) else "onnxruntime"
+    return "torch"
+
+
+def make_runner(model, runtime: str | None = None, device: str = "cpu", providers: list[str] | None = None,
+                threads: int | None = None):
+    """A runner for a Detector or torch module (runtime "torch"), or a path to an .onnx / OpenVINO IR."""
+    runtime = runtime or default_runtime(model)
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if isinstance(model, (str, Path)):
+        if runtime == "onnxruntime":
+            if Path(model).suffix != ".onnx":
+                raise LowbitError(f"{model}: ONNX Runtime runs .onnx files; an OpenVINO IR needs --runtime openvino")
+            if device.startswith("cuda"):
+                providers = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return OrtRunner(model, providers, threads)
+        if runtime.startswith("openvino"):
+            return OpenVinoRunner(model, "f32" if runtime == "openvino-f32" else None, threads)
+        raise LowbitError(f"{model}: a graph file runs on onnxruntime or openvino, not {runtime}")
     net = getattr(model, "net", model)
     if not isinstance(net, torch.nn.Module):
         raise LowbitError(f"cannot run {model!r}: expected a detector, a torch module or an .onnx path")
+    if runtime != "torch":
+        raise LowbitError(f"a PyTorch model runs on torch; export it (`lowbit export`) to run it on {runtime}")
     return TorchRunner(net, device)
 
 

@@ -105,7 +105,8 @@ def check_qdq(path: str | Path) -> QdqReport:
         if zp is not None and zp.dtype.kind in "iu" and np.any(zp.astype(np.int64) != 0):
             asym.append(n.name)
         scale = array(dq.input[1])
-        if name == "int8" and scale is not None and scale.size == 1:
+        # one scale for a conv of one output channel is per-channel too
+        if name == "int8" and scale is not None and scale.size == 1 and (w is None or w.ndim < 1 or w.shape[0] > 1):
             per_tensor.append(n.name)
 
     act_q = [n for n in g.node if n.op_type == "QuantizeLinear" and not is_static(n.input[0])]

@@ -4,7 +4,7 @@ matters to the detector's head, measured through the float network that follows 
 Why ours: block-wise reconstruction (BRECQ, AdaRound) matches each block's output by plain MSE, which
 spends the rounding budget evenly over every channel and pixel, while the detector reads a few of them
 through the rest of the network. BRECQ weights the block error by the squared gradient of the task loss,
-which needs labels. Here the loss is the distillation loss itself (lowbit.finetune.distill.head_loss):
+which needs labels. Here the loss is the distillation loss itself (lowbit.finetune.blockwise.head_loss):
 at the teacher its gradient is zero, but its curvature is the Fisher information of the teacher's output
 distribution (DFL bins per box side, Bernoulli per class). Random probes g with E[g g^T] = that
 curvature give E[(J^T g)^2], with J the Jacobian of the head maps with respect to the block output: the

@@ -117,6 +117,40 @@ def block_input(block: torch.nn.Module, x, outputs: list):
     return outputs[block.f] if isinstance(block.f, int) else [x if j == -1 else outputs[j] for j in block.f]
 
 
+def head_maps(out) -> dict:
+    """The raw maps of an Ultralytics detection head from its eval-mode output: {"boxes": DFL logits [B, 4*reg_max,
+    A], "scores": class logits [B, nc, A], ...}, what distillation and distortion compare."""
+    preds = out[1] if isinstance(out, (tuple, list)) else out
+    if not isinstance(preds, dict) or "boxes" not in preds or "scores" not in preds:
+        raise LowbitError("this needs an Ultralytics detection head that returns raw 'boxes' and 'scores' maps")
+    return preds
+
+
+def detection_loss(net: torch.nn.Module):
+    """Ultralytics' detection loss for `net` (it returns [box, cls, dfl] * batch size: sum it for a scalar). The
+    loss reads its gains from `net.args`, which a loaded checkpoint holds as a plain dict: the defaults are set
+    while it is built and the model's own args put back."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    args = getattr(net, "args", None)
+    net.args = get_cfg()
+    try:
+        return v8DetectionLoss(net)
+    finally:
+        net.args = args
+
+
+def saved_blocks(net: torch.nn.Module) -> set[int]:
+    """Indices of the top-level blocks whose outputs later blocks read (Ultralytics' `save`)."""
+    return set(getattr(net, "save", []))
+
+
+def reg_max(net: torch.nn.Module) -> int:
+    """DFL bins per box side of an Ultralytics detection head."""
+    return int(net.model[-1].reg_max)
+
+
 def _prepare(net: torch.nn.Module) -> torch.nn.Module:
     net = net.float().eval()
     for mod in net.modules():
@@ -163,6 +197,9 @@ def load_detector(source: str | Path, imgsz: int = 640) -> Detector:
         raise LowbitError(f"{src}: expected an Ultralytics .pt checkpoint or a .yaml model config")
     if yolo.task != "detect":
         raise LowbitError(f"{src}: a {yolo.task} model; lowbit handles detection models")
+    stride = int(max(getattr(yolo.model, "stride", [32])))
+    if imgsz <= 0 or imgsz % stride:
+        raise LowbitError(f"{src}: image size {imgsz} must be a positive multiple of the model's stride {stride}")
     net = _prepare(yolo.model)
     names = {int(k): v for k, v in dict(yolo.model.names).items()}
     return Detector(net=net, source=src, names=names, imgsz=imgsz,

@@ -24,6 +24,17 @@ def _escape(name: str) -> str:
     return name.replace("[", "[[]")
 
 
+def format_cfg(fmt: Format) -> dict:
+    """A whole-model ModelOpt config for one format (every weight / input quantizer), as ModelOpt's own
+    auto_quantize takes its candidate formats."""
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    if fmt.weight is not None:
+        entries.append({"quantizer_name": "*weight_quantizer", "cfg": fmt.weight.to_modelopt()})
+    if fmt.act is not None:
+        entries.append({"quantizer_name": "*input_quantizer", "cfg": fmt.act.to_modelopt()})
+    return {"quant_cfg": entries, "algorithm": "max"}
+
+
 def quant_cfg(assign: dict[str, Format], algorithm: str = "max") -> dict:
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, fmt in assign.items():
@@ -72,18 +83,16 @@ def verify(net: torch.nn.Module, assign: dict[str, Format]) -> None:
             raise LowbitError(f"layer {layer}: ModelOpt did not convert it to a quantized module")
 
 
-def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_cache: dict | None = None) -> torch.nn.Module:
-    """A fake-quantized copy of the detector's network, calibrated on `calib_batches`, verified.
-
-    Pass the same `gram_cache` dict to repeated calls on one model and calibration set: output-aware
-    clipping then collects each layer's input statistics once."""
+def quantize_layers(float_net: torch.nn.Module, assign: dict[str, Format], calib_batches, algorithm: str = "max",
+                    weight_range: str = "full", weight_clip: str = "gptq", gram_cache: dict | None = None) -> torch.nn.Module:
+    """The one way lowbit quantizes a network: a fake-quantized copy of `float_net` with each layer of `assign` at
+    its format (ModelOpt), calibrated on `calib_batches`, integer weights re-scaled (full range) and rounded
+    (`weight_clip`), then verified layer by layer. Pass the same `gram_cache` dict to repeated calls on one model
+    and calibration set: weight refinement then collects each layer's input statistics once."""
     import modelopt.torch.quantization as mtq
 
-    manifest.validate_against(list_layers(detector.net, detector.imgsz))
-    net = copy.deepcopy(detector.net)
+    net = copy.deepcopy(float_net)
     dev = next(net.parameters()).device
-    if not calib_batches and any(f.act is not None for f in manifest.layers.values()):
-        raise LowbitError("activation quantization needs calibration images (none were given)")
 
     def forward_loop(model):
         with torch.no_grad():
@@ -91,17 +100,26 @@ def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_c
                 model(b.images.to(dev))
 
     with contextlib.redirect_stdout(io.StringIO()):
-        net = mtq.quantize(net, quant_cfg(manifest.layers, manifest.algorithm), forward_loop=forward_loop)
-    if manifest.weight_range == "full":
+        net = mtq.quantize(net, quant_cfg(assign, algorithm), forward_loop=forward_loop)
+    if weight_range == "full":
         from lowbit.quantize.refine import set_full_range
 
-        set_full_range(net, detector.net, manifest.layers)
-    if manifest.weight_clip != "max":
+        set_full_range(net, float_net, assign)
+    if weight_clip != "max":
         from lowbit.quantize.refine import refine_weights
 
-        refine_weights(net, detector.net, manifest.layers, calib_batches, manifest.weight_clip, gram_cache)
-    verify(net, manifest.layers)
+        refine_weights(net, float_net, assign, calib_batches, weight_clip, gram_cache)
+    verify(net, assign)
     return net.eval()
+
+
+def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_cache: dict | None = None) -> torch.nn.Module:
+    """A fake-quantized copy of the detector's network as `manifest` says, calibrated on `calib_batches`, verified."""
+    manifest.validate_against(list_layers(detector.net, detector.imgsz))
+    if not calib_batches and any(f.act is not None for f in manifest.layers.values()):
+        raise LowbitError("activation quantization needs calibration images (none were given)")
+    return quantize_layers(detector.net, manifest.layers, calib_batches, manifest.algorithm, manifest.weight_range,
+                           manifest.weight_clip, gram_cache)
 
 
 def save_quantized(net: torch.nn.Module, manifest: Manifest, out_dir: str | Path) -> Path:

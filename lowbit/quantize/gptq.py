@@ -11,8 +11,19 @@ Transformers" (2023), with activation ordering and dampening.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DAMP = 0.01
+
+
+def patches(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as the columns its weight multiplies: [groups, in/groups * kh * kw, positions]."""
+    x = x.detach().float()
+    if isinstance(mod, torch.nn.Conv2d):
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # [B, Cin*k*k, L]
+        g = mod.groups
+        return cols.view(x.shape[0], g, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(g, -1, x.shape[0] * cols.shape[-1])
+    return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, in, N]
 
 
 def _quant(w: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -11,22 +11,12 @@ chosen on its own from one pass over the calibration images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.formats import Format, TensorFormat
+from lowbit.quantize.gptq import patches
 
 RATIOS = torch.linspace(0.5, 1.0, 26)
 MAX_COLUMNS_PER_BATCH = 4096  # patches sampled per batch for H: unbiased, and bounded in memory
-
-
-def patches(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs as the columns its weight multiplies: [groups, in/groups * kh * kw, positions]."""
-    x = x.detach().float()
-    if isinstance(mod, torch.nn.Conv2d):
-        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # [B, Cin*k*k, L]
-        g = mod.groups
-        return cols.view(x.shape[0], g, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(g, -1, x.shape[0] * cols.shape[-1])
-    return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, in, N]
 
 
 class _Gram:

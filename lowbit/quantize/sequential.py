@@ -15,8 +15,7 @@ import torch
 
 from lowbit.formats import Format
 from lowbit.models.ultralytics import block_input
-from lowbit.quantize.gptq import gptq_weight
-from lowbit.quantize.refine import patches
+from lowbit.quantize.gptq import gptq_weight, patches
 
 
 class _Inputs:

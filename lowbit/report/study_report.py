@@ -1,5 +1,6 @@
-"""The study report: one table of every scheme, a CSV, the Pareto plot, the recommended scheme's
-per-layer bit map, and the decision rule."""
+"""The study report: one table of every scheme (its mAP on the target's runtime, whether the target runs it in low
+precision, its measured latency and speed-up), a CSV, plots of accuracy against weight size and against measured
+latency, the recommended scheme's per-layer bit map, and the decision rule."""
 
 from __future__ import annotations
 
@@ -10,11 +11,25 @@ from pathlib import Path
 from lowbit.io import atomic_write_bytes, atomic_write_text
 
 KIND_STYLE = {"fp32": ("k", "*"), "uniform": ("tab:gray", "s"), "budget": ("tab:blue", "o"), "topk": ("tab:green", "^"),
-              "pareto": ("tab:blue", "o"), "random": ("tab:red", "x"), "modelopt": ("tab:purple", "D"), "manifest": ("tab:orange", "P"),
-              "finetune": ("tab:cyan", "v")}
+              "pareto": ("tab:blue", "o"), "random": ("tab:red", "x"), "modelopt": ("tab:purple", "D"),
+              "manifest": ("tab:orange", "P"), "finetune": ("tab:cyan", "v")}
 
 
-def _rows(results, errors: dict[str, float]) -> list[dict]:
+def _speed_of(speed: dict | None, name: str) -> dict:
+    """The scheme's timing on the target: default-precision row, and the forced-f32 row where there is one."""
+    if not speed:
+        return {}
+    rows = {b["runtime"]: b for b in speed.get("rows", {}).get(name, [])}
+    main = rows.get("openvino-cpu") or rows.get("ort-cpu") or next(iter(rows.values()), None)
+    if main is None:
+        return {}
+    failed = main.get("parity") is not None and main["parity"]["agreement"] < 0.8
+    return {"latency_ms": None if failed else main.get("median_ms"), "speed_runtime": main["runtime"],
+            "speedup": None if failed else main.get("speedup"), "speedup_vs_f32": None if failed else main.get("speedup_vs_f32"),
+            "parity": main.get("parity"), "executed": main.get("executed"), "speed_failed": failed}
+
+
+def _rows(results, errors: dict[str, float], speed: dict | None = None) -> list[dict]:
     base = results[0].result.map50_95
     rows = []
     for r in results:
@@ -26,41 +41,59 @@ def _rows(results, errors: dict[str, float]) -> list[dict]:
                      "int4_share": s.int4_share if s else 0.0,
                      "effective_weight_bits": 32.0 if kind == "fp32" else (s.effective_weight_bits if s else 16.0),
                      "mean_act_bits": 32.0 if kind == "fp32" else (s.mean_act_bits if s else 16.0),
+                     "bit_ops_g": s.bit_ops_g if s and kind != "fp32" else None,
                      "weight_mb": s.weight_mb * (2 if kind == "fp32" else 1) if s else 0.0,
                      "predicted_damage": r.manifest.origin.get("predicted_damage"),
-                     "latency_ms": res.latency.median_ms, "runtime": res.runtime})
+                     "predicted_ms": r.manifest.origin.get("predicted_ms"),
+                     "predicted_float_ms": r.manifest.origin.get("predicted_float_ms"),
+                     "deployable": r.deployable, "deploy_note": r.deploy_note, "runtime": res.runtime,
+                     "latency_ms": None, "speedup": None, "speedup_vs_f32": None,
+                     **_speed_of(speed, r.manifest.name)})
     return rows
 
 
-def decide(rows: list[dict], max_drop: float) -> dict | None:
-    """Fewest effective weight bits among schemes within `max_drop` mAP points of FP32 (random baselines excluded)."""
-    ok = [r for r in rows if r["kind"] not in ("fp32", "random") and r["drop_points"] <= max_drop]
-    return min(ok, key=lambda r: (r["effective_weight_bits"], r["drop_points"])) if ok else None
+def decide(rows: list[dict], max_drop: float, target: str = "size") -> dict | None:
+    """Among schemes within `max_drop` mAP points of FP32 (random baselines excluded) that the target runs in low
+    precision: the fastest measured one where the target is timed, the one with the fewest bit-operations for
+    TensorRT (not available to time here), the fewest weight bits for `size`."""
+    ok = [r for r in rows if r["kind"] not in ("fp32", "random") and r["drop_points"] <= max_drop and r["deployable"]]
+    if target == "size":
+        return min(ok, key=lambda r: (r["effective_weight_bits"], r["drop_points"])) if ok else None
+    if target == "tensorrt":
+        return min(ok, key=lambda r: (r["bit_ops_g"] or 1e18, r["drop_points"])) if ok else None
+    timed = [r for r in ok if r.get("latency_ms")]
+    return min(timed, key=lambda r: (r["latency_ms"], r["drop_points"])) if timed else None
 
 
-def _pareto_png(rows: list[dict], title: str) -> bytes:
+def _scatter_png(rows: list[dict], x: str, xlabel: str, title: str, logx: bool = False) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    pts = [r for r in rows if r["kind"] != "fp32"]
+    pts = [r for r in rows if r["kind"] != "fp32" and r.get(x)]
     for kind in sorted({r["kind"] for r in pts}):
         color, marker = KIND_STYLE.get(kind, ("k", "."))
         sel = [r for r in pts if r["kind"] == kind]
-        ax.scatter([r["effective_weight_bits"] for r in sel], [r["map50_95"] for r in sel], c=color, marker=marker,
-                   label=kind, s=40)
+        ax.scatter([r[x] for r in sel], [r["map50_95"] for r in sel], c=color, marker=marker, label=kind, s=40)
     front, best = [], -1.0
-    for r in sorted((r for r in pts if r["kind"] != "random"), key=lambda r: r["effective_weight_bits"]):
+    for r in sorted((r for r in pts if r["kind"] != "random"), key=lambda r: r[x]):
         if r["map50_95"] > best:
             front.append(r)
             best = r["map50_95"]
-    ax.plot([r["effective_weight_bits"] for r in front], [r["map50_95"] for r in front], "k--", lw=0.8, label="front")
-    fp = rows[0]["map50_95"]
-    ax.axhline(fp, color="k", lw=0.8, label=f"FP32 {fp:.3f}")
-    ax.axhline(fp - 0.01, color="k", lw=0.5, ls=":", label="FP32 - 1 point")
-    ax.set_xlabel("effective weight bits (parameter-weighted)")
+    if front:
+        ax.plot([r[x] for r in front], [r["map50_95"] for r in front], "k--", lw=0.8, label="front")
+        for r in front:
+            ax.annotate(r["scheme"], (r[x], r["map50_95"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fp = rows[0]
+    if fp.get(x):
+        ax.scatter([fp[x]], [fp["map50_95"]], c="k", marker="*", s=90, label="FP32")
+    ax.axhline(fp["map50_95"], color="k", lw=0.8)
+    ax.axhline(fp["map50_95"] - 0.01, color="k", lw=0.5, ls=":", label="FP32 - 1 point")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("COCO mAP50-95")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
@@ -101,52 +134,105 @@ def _finetune_section(results) -> list[str]:
     if not tuned:
         return []
     base = results[0].result.map50_95
-    lines = ["## Fine-tuning", "", "Distilled from the float model on the calibration images only (no evaluation "
+    lines = ["## Fine-tuning", "", "Fine-tuned from the float model on the calibration images only (no evaluation "
              "image is trained on); quantizer formats unchanged.", "",
-             "| scheme | before | after | Δ vs FP32 before → after (points) | mode | steps | time |", "|---|---|---|---|---|---|---|"]
+             "| scheme | before | after | Δ vs FP32 before → after (points) | recipe | steps | time |", "|---|---|---|---|---|---|---|"]
     for r in tuned:
         o, ft = r.manifest.origin, r.manifest.origin["finetune"]
         b, a = o["base_map50_95"], r.result.map50_95
         lines.append(f"| {o['base']} | {b:.4f} | {a:.4f} | {(b - base) * 100:+.2f} → {(a - base) * 100:+.2f} | "
-                     f"{ft['mode']} (lr {ft['lr']:g}{', LSQ scales' if ft['learn_scales'] else ''}) | {ft['steps']} | "
+                     f"AdaRound, {ft['block_loss']} blocks{', learned steps' if ft['learn_steps'] else ''} | {ft['steps']} | "
                      f"{ft['seconds']:.0f} s on {ft['device']} |")
     return lines + [""]
 
 
-def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, float] | None = None) -> dict:
-    """`errors`: each scheme's standard error of its Δ vs FP32 over the choice of evaluation images."""
-    rows = _rows(results, errors or {})
+def _ms(v) -> str:
+    return f"{v:.1f}" if v else "-"
+
+
+def _times(v) -> str:
+    return f"{v:.2f}x" if v else "-"
+
+
+def _se(row: dict) -> str:
+    return "" if row["delta_se_points"] is None else f" ± {row['delta_se_points']:.2f}"
+
+
+def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, float] | None = None,
+                       speed: dict | None = None) -> dict:
+    """`errors`: each scheme's standard error of its Δ vs FP32 over the choice of evaluation images; `speed`: the
+    speed stage's interleaved timings on the target's runtime."""
+    from lowbit.targets import get_target
+
+    target = get_target(cfg.target)
+    rows = _rows(results, errors or {}, speed)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k not in ("parity", "executed")], extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(folder / "schemes.csv", buf.getvalue())
-    atomic_write_bytes(folder / "pareto.png", _pareto_png(rows, f"{Path(cfg.model).name}: accuracy vs weight bits"))
-    decisions = {d: decide(rows, d) for d in cfg.max_drop_points}
+    name = Path(cfg.model).name
+    atomic_write_bytes(folder / "pareto.png", _scatter_png(rows, "weight_mb", "weight storage of the quantizable layers (MB)",
+                                                           f"{name}: accuracy vs weight size"))
+    timed = any(r.get("latency_ms") for r in rows)
+    if timed:
+        rt = next(r["speed_runtime"] for r in rows if r.get("latency_ms"))
+        atomic_write_bytes(folder / "pareto-latency.png",
+                           _scatter_png(rows, "latency_ms", f"measured latency on {rt}, ms per image (batch 1)",
+                                        f"{name}: accuracy vs measured latency ({cfg.target})"))
+    decisions = {d: decide(rows, d, cfg.target) for d in cfg.max_drop_points}
     recommended = next((r for r in decisions.values() if r), None)
+    runtime = results[0].result.runtime
     lines = [f"# lowbit study: {cfg.name}", "",
-             f"Model `{cfg.model}`; evaluated on `{cfg.eval.path}` ({results[0].result.images} images, pycocotools); "
-             f"calibration and sensitivity on `{cfg.calib.path}`; {cfg.device}.", "",
-             "| scheme | kind | mAP50-95 | mAP50 | Δ points | SE of Δ | INT4 share | eff. W bits | mean A bits | weights MB | predicted damage |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Model `{cfg.model}`; target **{cfg.target}**: {target.description}. Evaluated on `{cfg.eval.path}` "
+             f"({results[0].result.images} images, pycocotools); calibration and sensitivity on `{cfg.calib.path}`.", "",
+             (f"Every scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime "
+              f"(FP32: lowbit's float export on {runtime}); the others in PyTorch fake quantization, and marked." if
+              target.name != "size" else "Every scheme is scored as PyTorch fake quantization: a storage result, since "
+              "no runtime runs INT4 convolutions faster."), "",
+             "| scheme | kind | deployable | mAP50-95 | Δ points | SE of Δ | scored on | latency ms | speed-up | vs f32 | "
+             "INT4 share | eff. W bits | weights MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pdmg = "" if r["predicted_damage"] is None else f"{r['predicted_damage']:.3g}"
         se = "" if r["delta_se_points"] is None else f"{r['delta_se_points']:.2f}"
-        lines.append(f"| {r['scheme']} | {r['kind']} | {r['map50_95']:.4f} | {r['map50']:.4f} | {-r['drop_points']:+.2f} | "
-                     f"{se} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | {r['mean_act_bits']:.1f} | "
-                     f"{r['weight_mb']:.2f} | {pdmg} |")
+        lat = "fails parity" if r.get("speed_failed") else _ms(r.get("latency_ms"))
+        lines.append(f"| {r['scheme']} | {r['kind']} | {'yes' if r['deployable'] else 'no'} | {r['map50_95']:.4f} | "
+                     f"{-r['drop_points']:+.2f} | {se} | {r['runtime']} | {lat} | {_times(r.get('speedup'))} | "
+                     f"{_times(r.get('speedup_vs_f32'))} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | "
+                     f"{r['weight_mb']:.2f} |")
+    notes = sorted({r["deploy_note"] for r in rows if not r["deployable"]})
+    if notes:
+        lines += ["", f"Not deployable on {cfg.target} (scored in PyTorch; storage or research results):"]
+        lines += [f"- {n}" for n in notes]
     if errors:
         lines += ["", f"SE of Δ: the standard error of a scheme's difference from FP32 over the choice of the "
                   f"{results[0].result.images} evaluation images ({cfg.error_halves} random halves, every scheme on the "
                   "same halves, as `lowbit compare`). Two schemes whose Δ differ by less than about twice that are not "
                   "told apart by these images."]
-    lines += ["", "![accuracy vs weight bits](pareto.png)", ""]
+    if timed:
+        host = (speed or {}).get("host", {})
+        lines += ["", f"Latency: batch 1, median of {cfg.speed_reps} interleaved rounds (every scheme timed in the same "
+                  f"run, one inference each in turn) on {host.get('cpu', 'this CPU')} "
+                  f"({', '.join(host.get('isa', []))}), threads: {cfg.speed_threads or 'runtime default'}, at the "
+                  "runtime's default precision; speed-up against the FP32 export on the same runtime, vs f32 against it "
+                  "forced to f32. Each runtime's detections were checked against ONNX Runtime's on 8 calibration images "
+                  "before timing."]
+    lines += _predicted_vs_measured(rows)
+    lines += ["", "![accuracy vs weight size](pareto.png)", ""]
+    if timed:
+        lines += ["![accuracy vs measured latency](pareto-latency.png)", ""]
     lines += _finetune_section(results)
+    rule = {"size": "fewest weight bits", "tensorrt": "fewest bit-operations"}.get(cfg.target, "fastest measured")
     lines += ["## Which scheme to pick", ""]
     for d, r in decisions.items():
-        lines.append(f"- Within {d:g} mAP point(s) of FP32, fewest weight bits: "
-                     + (f"**{r['scheme']}** ({r['effective_weight_bits']:.2f} bits, {r['int4_share']:.0%} INT4, "
-                        f"{-r['drop_points']:+.2f}{_se(r)} points)" if r else "none of the evaluated schemes"))
+        lines.append(f"- Within {d:g} mAP point(s) of FP32, deployable on {cfg.target}, {rule}: "
+                     + (f"**{r['scheme']}** ({-r['drop_points']:+.2f}{_se(r)} points, "
+                        + (f"{_ms(r['latency_ms'])} ms, {_times(r['speedup'])} FP32 at the runtime's default, "
+                           f"{_times(r['speedup_vs_f32'])} FP32 f32" if r.get("latency_ms") else
+                           f"{r['effective_weight_bits']:.2f} weight bits, {r['int4_share']:.0%} INT4") + ")"
+                        if r else "none of the evaluated schemes"))
+    if cfg.target == "size" and recommended:
+        lines.append("- A storage result: INT4 convolution weights make no runtime faster.")
     if recommended:
         m = next(x.manifest for x in results if x.manifest.name == recommended["scheme"])
         layers = next(iter(reports.values())).rows if reports else []
@@ -154,105 +240,39 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
             atomic_write_bytes(folder / "recommended-bitmap.png", _bitmap_png(m, layers))
             lines += ["", f"![per-layer formats of {m.name}](recommended-bitmap.png)"]
         m.save(folder / "recommended-manifest.json")
-    lines += ["", "Latency here is the PyTorch forward of ModelOpt's fake quantization, which computes in float: it "
-              "does not show deployed speed."]
     atomic_write_text(folder / "study-report.md", "\n".join(lines) + "\n")
-    return {"rows": rows, "decisions": {str(k): v for k, v in decisions.items()},
-            "recommended": recommended["scheme"] if recommended else None}
-
-
-def _se(row: dict) -> str:
-    return "" if row["delta_se_points"] is None else f" ± {row['delta_se_points']:.2f}"
-
-
-def _ms(v) -> str:
-    return f"{v:.1f} ms" if v else "-"
-
-
-def _times(v) -> str:
-    return f"{v:.2f}x" if v else "-"
+    return {"target": cfg.target, "rows": rows, "decisions": {str(k): v for k, v in decisions.items()},
+            "recommended": recommended["scheme"] if recommended else None, "speed": speed}
 
 
 def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
     e = out["export"]
     text = (folder / "study-report.md").read_text() + "\n".join([
-        "", "## Deployable artifact", "",
+        "", "## Storage artifact", "",
         f"`recommended.onnx` ({e['size_mb']:.2f} MB): **{scheme}** as standard Q/DQ operators (opset 21); weights "
         f"{e['weight_dtypes']}, {e['activation_qdq']} activation Q/DQ pairs.", "",
         f"- ONNX Runtime ({out['runtime']}) mAP50-95 {out['ort_map50_95']:.4f} vs PyTorch fake quant "
         f"{out['torch_map50_95']:.4f} (Δ {out['ort_map50_95'] - out['torch_map50_95']:+.4f})",
         f"- raw-output parity on 4 calibration images: max |Δ| {e['parity_max_abs']:.3g}, mean |Δ| {e['parity_mean_abs']:.3g}",
-        f"- TensorRT: {'buildable' if e['tensorrt_buildable'] else 'not buildable'}: {e['tensorrt_reason']}", "",
-        "Deployed speed on this machine (batch 1, median; the float graph is lowbit's FP32 export):", "",
-        "| runtime | FP32 | this scheme | speed-up | note |", "|---|---|---|---|---|",
-        *[f"| {r['runtime']} | {_ms(r['float_ms'])} | {_ms(r['ms'])} | "
-          f"{_times(r['speedup'])} | {r['note']} |" for r in out.get("speed", [])], ""])
+        f"- TensorRT: {out['tensorrt']}", ""])
     atomic_write_text(folder / "study-report.md", text)
 
 
-def append_speed_section(folder: Path, speed: dict, max_drop_points: list[float] = ()) -> None:
-    """Latency and speed-up vs FP32 of every scheme on every runtime present, beside its mAP, and the
-    fastest scheme within each accuracy bound on each runtime."""
-    rts = speed["runtimes"]
-    base = {b["runtime"]: b.get("median_ms") for b in speed["rows"][0]["bench"]} if speed["rows"] else {}
-    lines = ["", "## Deployed speed of every scheme", "",
-             f"Each scheme as a Q/DQ ONNX, batch 1, median of 20 runs on this machine, threads: "
-             f"{speed['threads'] or 'runtime default'}; speed-up against lowbit's FP32 export on the same runtime. "
-             "A fine-tuned scheme runs exactly as fast as its base (same formats, same graph).", "",
-             "| scheme | mAP50-95 | " + " | ".join(rts) + " |", "|---|---|" + "---|" * len(rts)]
-    notes = {}
-    for row in speed["rows"]:
-        cells = []
-        by_rt = {b["runtime"]: b for b in row["bench"]}
-        for rt in rts:
-            b = by_rt.get(rt)
-            if b is None or b.get("median_ms") is None:
-                cells.append("cannot run" if b else "-")
-                if b and b.get("note"):
-                    notes.setdefault(b["note"], []).append(f"{row['scheme']} on {rt}")
-                continue
-            speedup = base.get(rt) / b["median_ms"] if base.get(rt) else None
-            cells.append(f"{_ms(b['median_ms'])} ({_times(speedup)})")
-        lines.append(f"| {row['scheme']} | {row['map50_95']:.4f} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {', '.join(who)}: {note}" for note, who in notes.items()]
-    fp32 = speed["rows"][0]["map50_95"] if speed["rows"] else None
-    for drop in max_drop_points if fp32 is not None else ():
-        for rt in rts:
-            ok = [(b["median_ms"], row) for row in speed["rows"] if row["map50_95"] >= fp32 - drop / 100
-                  for b in row["bench"] if b["runtime"] == rt and b.get("median_ms")]
-            if ok:
-                ms, row = min(ok, key=lambda t: t[0])
-                lines.append(f"- Within {drop:g} point(s) of FP32, fastest on {rt}: **{row['scheme']}** "
-                             f"({_ms(ms)}, {_times(base.get(rt) / ms if base.get(rt) else None)} FP32, "
-                             f"mAP50-95 {row['map50_95']:.4f})")
-    lines += _predicted_vs_measured(speed, base)
-    lines.append("")
-    atomic_write_text(folder / "study-report.md", (folder / "study-report.md").read_text() + "\n".join(lines))
-
-
-def _predicted_vs_measured(speed: dict, base: dict) -> list[str]:
-    """Schemes chosen against a per-layer latency table: the table's prediction beside the measurement on
-    the table's runtime. The speed-up is compared too: it holds where the machine's overall speed drifts
-    between building the table and timing (docs/results.md, section 6)."""
-    rows = [r for r in speed["rows"] if r.get("predicted_ms")]
-    if not rows:
+def _predicted_vs_measured(rows: list[dict]) -> list[str]:
+    """Schemes chosen against a per-layer latency table (`lowbit latency-table`): the table's prediction beside the
+    measurement. Speed-ups are compared too: they hold where the machine's overall speed drifts between building
+    the table and timing (docs/results.md, "Speed")."""
+    sel = [r for r in rows if r.get("predicted_ms")]
+    if not sel:
         return []
-    out = ["", "Latency-budget schemes: the per-layer table's prediction against the measurement on its runtime "
-           f"(table threads: {rows[0].get('latency_threads') or 'runtime default'}, timing threads: "
-           f"{speed['threads'] or 'runtime default'}).", "",
-           "| scheme | runtime | predicted | measured | error | speed-up predicted | speed-up measured | error |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rt = r.get("latency_runtime")
-        b = next((b for b in r["bench"] if b["runtime"] == rt), None)
-        ms = b.get("median_ms") if b else None
-        p_up = r["predicted_float_ms"] / r["predicted_ms"]
-        m_up = base.get(rt) / ms if ms and base.get(rt) else None
-        out.append(f"| {r['scheme']} | {rt} | {_ms(r['predicted_ms'])} | {_ms(ms) if ms else 'not timed'} | "
-                   f"{_pct(r['predicted_ms'] / ms - 1) if ms else '-'} | {_times(p_up)} | {_times(m_up)} | "
-                   f"{_pct(p_up / m_up - 1) if m_up else '-'} |")
+    out = ["", "Latency-budget schemes: the per-layer table's prediction against the measurement.", "",
+           "| scheme | predicted | measured | error | speed-up predicted | speed-up measured | error |",
+           "|---|---|---|---|---|---|---|"]
+    for r in sel:
+        ms, up = r.get("latency_ms"), r.get("speedup")
+        p_up = r["predicted_float_ms"] / r["predicted_ms"] if r.get("predicted_float_ms") else None
+        err = f"{(r['predicted_ms'] / ms - 1) * 100:+.1f}%" if ms else "-"
+        up_err = f"{(p_up / up - 1) * 100:+.1f}%" if up and p_up else "-"
+        out.append(f"| {r['scheme']} | {r['predicted_ms']:.1f} ms | {_ms(ms)} ms | {err} | {_times(p_up)} | "
+                   f"{_times(up)} | {up_err} |")
     return out
-
-
-def _pct(x: float) -> str:
-    return f"{x * 100:+.1f}%"

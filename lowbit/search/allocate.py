@@ -156,9 +156,10 @@ def pareto(p: Problem, points: int = 8) -> list[Manifest]:
 
 
 def random_like(p: Problem, target: Manifest, low: str, high: str, seed: int) -> Manifest:
-    """Random allocation with (about) the same INT4 share of weights as `target`: the baseline to beat."""
+    """Random allocation with (about) the same share of weights at `low` as `target`, the rest at `high` (FP16
+    keeps a layer float): the baseline a sensitivity-guided scheme must beat."""
     lo, hi = parse_format(low), parse_format(high)
-    want = target.stats.int4_share * p.total_params
+    want = sum(layer.params for layer in p.layers if (f := target.layers.get(layer.name)) is not None and f.name == lo.name)
     order = list(p.layers)
     random.Random(seed).shuffle(order)
     assign, got = {}, 0

@@ -6,7 +6,7 @@ Expensive (one COCO evaluation per layer and format), so it resumes from its sco
 from __future__ import annotations
 
 from lowbit.evaluate.coco import mean_ap_only
-from lowbit.sensitivity.base import ScoreStore, SensitivityContext, probes, register
+from lowbit.sensitivity.base import ScoreStore, SensitivityContext, probes
 
 
 def _dataset_of(ctx: SensitivityContext):
@@ -21,7 +21,6 @@ def _dataset_of(ctx: SensitivityContext):
     return Dataset(ds.name, images, ds.names, coco, ds.source)
 
 
-@register("ablation", needs_labels=True)
 def ablation(ctx: SensitivityContext, store: ScoreStore) -> None:
     det = ctx.detector
     ds = _dataset_of(ctx)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -88,31 +86,14 @@ class SingleLayerProbe:
     """
 
     def __init__(self, ctx: SensitivityContext, fmt: Format):
-        import modelopt.torch.quantization as mtq
-
-        from lowbit.quantize.apply import quant_cfg
-
-        self.net = copy.deepcopy(ctx.detector.net).to(ctx.device)
-        dev = torch.device(ctx.device)
-
-        def forward_loop(model):
-            with torch.no_grad():
-                for b in ctx.batches:
-                    model(b.images.to(dev))
+        from lowbit.quantize.apply import quantize_layers
 
         assign = {layer.name: fmt for layer in ctx.layers}
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.net = mtq.quantize(self.net, quant_cfg(assign), forward_loop=forward_loop)
-        if ctx.options.get("weight_range") == "full":
-            from lowbit.quantize.refine import set_full_range
-
-            set_full_range(self.net, ctx.detector.net, assign)
-        clip = ctx.options.get("weight_clip", "max")
-        if clip != "max":  # probe the format as it will be materialized
-            from lowbit.quantize.refine import refine_weights
-
-            # input statistics depend on the float model and images only: one pass serves every format
-            refine_weights(self.net, ctx.detector.net, assign, ctx.batches, clip, ctx.options.setdefault("gram_cache", {}))
+        # probe the format as it will be materialized; the input statistics of weight refinement depend on the float
+        # model and images only, so one pass serves every format
+        self.net = quantize_layers(ctx.detector.net.to(ctx.device), assign, ctx.batches, "max",
+                                   ctx.options.get("weight_range", "absmax"), ctx.options.get("weight_clip", "max"),
+                                   ctx.options.setdefault("gram_cache", {}))
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
                                                     for a in ("weight_quantizer", "input_quantizer"))
                                         if q is not None and q.is_enabled] for layer in ctx.layers}
@@ -185,22 +166,22 @@ class PrefixCache:
 
 
 Method = Callable[[SensitivityContext, ScoreStore], None]
-METHODS: dict[str, Method] = {}
-NEEDS_LABELS: set[str] = set()
-
-
-def register(name: str, needs_labels: bool = False):
-    def deco(fn: Method) -> Method:
-        METHODS[name] = fn
-        if needs_labels:
-            NEEDS_LABELS.add(name)
-        return fn
-    return deco
+# name -> (module, function, needs labels). A new method is one module plus one line here; the table names the
+# modules rather than importing them, so they can import this one without a cycle.
+METHODS: dict[str, tuple[str, str, bool]] = {
+    "distortion": ("lowbit.sensitivity.distortion", "distortion", False),
+    "gradient": ("lowbit.sensitivity.gradient", "gradient", True),
+    "gradient-selfsup": ("lowbit.sensitivity.gradient", "gradient_selfsup", False),
+    "ablation": ("lowbit.sensitivity.ablation", "ablation", True),
+    "onnx": ("lowbit.sensitivity.onnx_node", "onnx_native", False),
+}
+NEEDS_LABELS: set[str] = {name for name, (_, _, labels) in METHODS.items() if labels}
 
 
 def get_method(name: str) -> Method:
-    from lowbit.sensitivity import ablation, distortion, gradient, onnx_node  # noqa: F401  (they register themselves)
+    import importlib
 
     if name not in METHODS:
         raise LowbitError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    module, function, _ = METHODS[name]
+    return getattr(importlib.import_module(module), function)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.sensitivity.base import PrefixCache, ScoreStore, SensitivityContext, probes, register
+from lowbit.sensitivity.base import PrefixCache, ScoreStore, SensitivityContext, probes
 
 
 def _head_maps(out) -> tuple[torch.Tensor, torch.Tensor]:
-    preds = out[1] if isinstance(out, (tuple, list)) else out
-    if not isinstance(preds, dict) or "boxes" not in preds or "scores" not in preds:
-        from lowbit.errors import LowbitError
+    from lowbit.models.ultralytics import head_maps
 
-        raise LowbitError("distortion needs an Ultralytics detection head that returns raw 'boxes' and 'scores' maps")
+    preds = head_maps(out)
     return preds["boxes"].float(), preds["scores"].float()
 
 
@@ -25,7 +23,6 @@ def _nmse(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12))
 
 
-@register("distortion")
 def distortion(ctx: SensitivityContext, store: ScoreStore) -> None:
     dev = torch.device(ctx.device)
     net = ctx.detector.net.to(dev)

@@ -18,17 +18,7 @@ import torch
 from lowbit.data.loader import Batch
 from lowbit.evaluate.decode import decode
 from lowbit.formats import Format
-from lowbit.sensitivity.base import ScoreStore, SensitivityContext, register
-
-
-def format_cfg(fmt: Format) -> dict:
-    """A whole-model ModelOpt config for one format, in the list form ModelOpt 0.47 expects."""
-    entries = [{"quantizer_name": "*", "enable": False}]
-    if fmt.weight is not None:
-        entries.append({"quantizer_name": "*weight_quantizer", "cfg": fmt.weight.to_modelopt()})
-    if fmt.act is not None:
-        entries.append({"quantizer_name": "*input_quantizer", "cfg": fmt.act.to_modelopt()})
-    return {"quant_cfg": entries, "algorithm": "max"}
+from lowbit.sensitivity.base import ScoreStore, SensitivityContext
 
 
 def self_targets(net: torch.nn.Module, batch: Batch, nc: int, imgsz: int, conf: float = 0.25) -> dict:
@@ -49,17 +39,16 @@ def run_auto_quantize(ctx: SensitivityContext, self_supervised: bool, effective_
                       checkpoint: str | None = None):
     """ModelOpt auto_quantize over ctx.formats with the detection loss; returns (model, search state)."""
     import modelopt.torch.quantization as mtq
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils.loss import v8DetectionLoss
+
+    from lowbit.models.ultralytics import detection_loss
+    from lowbit.quantize.apply import format_cfg
 
     det = ctx.detector
     dev = torch.device(ctx.device)
     net = copy.deepcopy(det.net).to(dev)
     for p in net.parameters():
         p.requires_grad_(True)
-    original_args = getattr(net, "args", None)
-    net.args = get_cfg()  # the loss reads its gains (box, cls, dfl) from here
-    criterion = v8DetectionLoss(net)
+    criterion = detection_loss(net)
     data = []
     for b in ctx.batches:
         targets = self_targets(det.net.to(dev), b, det.nc, det.imgsz) if self_supervised else b.targets(det.imgsz)
@@ -79,7 +68,6 @@ def run_auto_quantize(ctx: SensitivityContext, self_supervised: bool, effective_
             quantization_formats=[format_cfg(f) for f in ctx.formats], data_loader=data,
             forward_step=lambda m, b: m(b["img"]), loss_func=loss_func, disabled_layers=disabled or None,
             num_calib_steps=len(data), num_score_steps=len(data), method="gradient", checkpoint=checkpoint)
-    model.args = original_args
     return model, state
 
 
@@ -110,12 +98,10 @@ def _gradient(ctx: SensitivityContext, store: ScoreStore, self_supervised: bool)
                 store.add(layer.name, f.name, table[layer.name][f.name])
 
 
-@register("gradient", needs_labels=True)
 def gradient(ctx: SensitivityContext, store: ScoreStore) -> None:
     _gradient(ctx, store, self_supervised=False)
 
 
-@register("gradient-selfsup")
 def gradient_selfsup(ctx: SensitivityContext, store: ScoreStore) -> None:
     _gradient(ctx, store, self_supervised=True)
 

@@ -1,0 +1,310 @@
+"""Post-training quantization of a float ONNX detector, in the graph itself (no PyTorch source needed).
+
+Weights: quantized from the graph's own initializers (full-range or absmax scales, per channel / tensor / block),
+or taken from a PyTorch checkpoint (GPTQ-rounded, fine-tuned) by the export path. Activations: one pass of ONNX
+Runtime over calibration images collects, for every tensor to quantize, its range per image and a sample of its
+values; a range is then chosen per tensor (`ActivationCalibration`), and the target decides its encoding
+(symmetric INT8 for TensorRT, asymmetric UINT8 for OpenVINO) and where the Q/DQ pairs go (lowbit.targets).
+
+Why ours: ModelOpt's ONNX PTQ and ONNX Runtime's quantizer choose ranges by histogram on the activations alone and
+know no per-layer formats; neither weighs a clipped channel by what it does to the conv's output, nor writes INT4
+convs a CPU runtime can load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Format
+from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_layers, conv_weights, insert_activation_qdq,
+                                 load_graph, write_qdq)
+
+# Where activation Q/DQ pairs go: in front of each quantized conv (TensorRT's placement), or once on each tensor
+# those convs read, before its Concat / Split / pooling (what OpenVINO fuses into the producing conv and keeps in
+# INT8 through those ops; the same values quantized the same way, read by every consumer)
+Placement = Literal["consumer", "producer"]
+
+RangeMethod = Literal["max", "mean-minmax", "percentile", "mse"]
+
+
+class ActivationCalibration(BaseModel):
+    """How each quantized activation's range is chosen."""
+
+    # Integer activations (FP8 ones always take the observed range: their exponent covers it, and clipping it
+    # measured worse). max: the observed range; mean-minmax: the mean over images of each image's min and max
+    # (NNCF's default); percentile: the `percentile`-th percentile at each end; mse: the clip that minimizes
+    # the conv's output error from quantizing this input, each input channel weighted by its weights' energy
+    method: RangeMethod = "mse"
+    percentile: float = Field(99.99, gt=50, le=100)
+    samples_per_image: int = Field(2048, ge=64)  # values kept per image and input for choosing ranges
+
+
+@dataclass
+class InputStats:
+    """One tensor's statistics over the calibration images."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    samples: list[np.ndarray] = field(default_factory=list)  # [C, k] per image: k random positions, every channel
+    image_lo: list[float] = field(default_factory=list)
+    image_hi: list[float] = field(default_factory=list)
+
+    def add(self, x: np.ndarray, k: int, rng: np.random.Generator) -> None:
+        x = x.reshape(x.shape[0], x.shape[1], -1) if x.ndim >= 3 else x.reshape(x.shape[0], x.shape[1], 1)
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        for img in x:
+            self.image_lo.append(float(img.min()))
+            self.image_hi.append(float(img.max()))
+            pos = rng.choice(img.shape[1], min(k, img.shape[1]), replace=False)
+            self.samples.append(img[:, pos])
+
+    @classmethod
+    def merged(cls, parts: list["InputStats"]) -> "InputStats":
+        """One tensor's statistics from several that share a quantizer (channels no longer kept apart)."""
+        out = cls(lo=min(p.lo for p in parts), hi=max(p.hi for p in parts))
+        out.image_lo = np.min([p.image_lo for p in parts], axis=0).tolist()
+        out.image_hi = np.max([p.image_hi for p in parts], axis=0).tolist()
+        out.samples = [np.concatenate([p.samples[i].reshape(1, -1) for p in parts], axis=1)
+                       for i in range(len(parts[0].samples))]
+        return out
+
+    @property
+    def sample(self) -> np.ndarray:
+        """[C, n] sampled values of every channel."""
+        return np.concatenate(self.samples, axis=1)
+
+
+def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_per_image: int = 2048,
+                        progress: bool = False) -> dict[str, InputStats]:
+    """Statistics of `tensors` (graph tensors) over `images` ([N, C, H, W] as the graph takes them), from one
+    ONNX Runtime pass of the float graph with those tensors as extra outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from lowbit.progress import track
+
+    stats = {t: InputStats() for t in tensors}
+    rng = np.random.default_rng(0)
+    inputs = {i.name for i in model.graph.input}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    # A graph input asked back as an output comes out of ONNX Runtime as garbage (seen: 1e16, changing between
+    # calls): its values are the images themselves.
+    inner = [t for t in tensors if t not in inputs]
+    probe.graph.output.extend([onnx.ValueInfoProto(name=t) for t in inner if t not in existing])
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise LowbitError(f"ONNX Runtime cannot run the float graph ({str(e).splitlines()[0][:200]})") from None
+    name = sess.get_inputs()[0].name
+    for x in track(images, "calibrating activations", enabled=progress):
+        x = x[None].astype(np.float32)
+        outs = dict(zip(inner, sess.run(inner, {name: x}))) if inner else {}
+        for t in tensors:
+            v = x if t in inputs else outs[t]
+            stats[t].add(v, max(4, samples_per_image // max(v.shape[1], 1)), rng)
+    return stats
+
+
+def _input_weights(w: np.ndarray, channels: int) -> np.ndarray:
+    """Per input channel of the conv's input (all groups), the energy of the weights that read it."""
+    e = (w.astype(np.float64) ** 2).sum(axis=tuple(range(2, w.ndim)))  # [O, I/g]
+    per_group_in = w.shape[1]
+    groups = channels // per_group_in
+    if groups <= 1:
+        return e.sum(0)
+    out_per_group = w.shape[0] // groups
+    return np.concatenate([e[g * out_per_group:(g + 1) * out_per_group].sum(0) for g in range(groups)])
+
+
+def _quantizer(lo: float, hi: float, dtype: str) -> ActQuant:
+    if dtype == "uint8":
+        return ActQuant.asymmetric(lo, hi)
+    return ActQuant.symmetric(max(abs(lo), abs(hi)), dtype)
+
+
+def _fake(q: ActQuant, x: np.ndarray) -> np.ndarray:
+    if q.dtype == "fp8":
+        import ml_dtypes
+
+        s = np.float32(q.scale)
+        return (np.clip(x / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s)
+    return q.fake(x)
+
+
+def choose_range(st: InputStats, dtype: str, cal: ActivationCalibration, weight: np.ndarray | None) -> ActQuant:
+    """The quantizer of one conv input: `dtype` int8 / fp8 (symmetric) or uint8 (asymmetric)."""
+    if cal.method == "max" or dtype == "fp8" or not np.isfinite(st.lo):
+        return _quantizer(st.lo, st.hi, dtype)
+    if cal.method == "mean-minmax":
+        return _quantizer(float(np.mean(st.image_lo)), float(np.mean(st.image_hi)), dtype)
+    sample = st.sample
+    if cal.method == "percentile":
+        lo = float(np.percentile(sample, 100 - cal.percentile)) if st.lo < 0 else st.lo
+        hi = float(np.percentile(sample, cal.percentile))
+        return _quantizer(max(lo, st.lo), min(hi, st.hi), dtype)
+    # mse: shrink the observed range by a common factor; keep the one whose quantization error, weighted per
+    # channel by the energy of the weights that read it, is least
+    cw = _input_weights(weight, sample.shape[0]) if weight is not None else np.ones(sample.shape[0])
+    cw = (cw / cw.sum())[:, None]
+    best, best_err = None, np.inf
+    for r in np.linspace(0.3, 1.0, 36):
+        q = _quantizer(st.lo * r, st.hi * r, dtype)
+        err = float((cw * (_fake(q, sample) - sample) ** 2).mean(1).sum())
+        if err < best_err:
+            best, best_err = q, err
+    return best
+
+
+class OnnxQuantInfo(BaseModel):
+    path: str
+    target: str
+    layers_quantized: int
+    weight_dtypes: dict[str, int]
+    activation_qdq: int
+    activation_dtype: str | None
+    calibration: ActivationCalibration | None
+    calibration_images: int
+    deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
+    deploy_note: str
+    size_mb: float
+
+
+def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = "int8",
+                   calibration: ActivationCalibration | None = None, weights=None, act_amax: dict[str, float] | None = None,
+                   layers: dict[str, ConvRef] | None = None, placement: Placement = "consumer",
+                   progress: bool = False) -> dict:
+    """Rewrite `model` (a float graph) in place with the formats of `manifest`.
+
+    `act_dtype`: how INT8 activations are encoded, "int8" (symmetric, TensorRT) or "uint8" (asymmetric, OpenVINO);
+    FP8 activations are always symmetric. Activation ranges come from calibrating on `images`, or, without
+    images, from `act_amax` (layer -> max |input|, e.g. ModelOpt's calibration). `weights(layer)`, when given,
+    returns (float weight, amax) for a layer (a PyTorch checkpoint's GPTQ-rounded or fine-tuned weights);
+    otherwise weights come from the graph at the manifest's weight range. Returns what was written."""
+    cal = calibration or ActivationCalibration()
+    layers = conv_layers(model) if layers is None else layers
+    missing = [n for n in manifest.layers if n not in layers]
+    if missing:
+        raise LowbitError(f"manifest {manifest.name!r} names layer {missing[0]!r}, which no Conv of this graph is "
+                          f"({len(missing)} such layers; the graph's layers: {', '.join(list(layers)[:4])}...)")
+    graph_w = conv_weights(model, {n: layers[n] for n in manifest.layers})
+
+    def weight_of(layer: str) -> tuple[np.ndarray, np.ndarray | None]:
+        if weights is not None:
+            return weights(layer)
+        fmt = manifest.layers[layer]
+        w = graph_w[layer]
+        return w, (weight_amax(w, fmt, manifest.weight_range) if fmt.weight is not None else None)
+
+    act_layers = [n for n, f in manifest.layers.items() if f.act is not None]
+    groups = []
+    if placement == "producer" and act_layers:
+        if any(manifest.layers[n].act.dtype != "int8" for n in act_layers):
+            raise LowbitError("activations quantized where they are produced must be INT8; FP8 activations go in "
+                              "front of each conv (a target with consumer placement, e.g. tensorrt)")
+        groups = activation_groups(model, layers, act_layers)
+    stats: dict[str, InputStats] = {}
+    if act_layers and images is not None and len(images):
+        tensors = sorted({t for src, _ in groups for t in src} if groups else {layers[n].input for n in act_layers})
+        stats = collect_input_stats(model, tensors, images, cal.samples_per_image, progress)
+    elif act_layers and act_amax is None:
+        raise LowbitError("activation formats need calibration images")
+
+    def from_amax(served: list[str], dtype: str) -> ActQuant:
+        try:
+            a = max(float(act_amax[n]) for n in served)
+        except KeyError as e:
+            raise LowbitError(f"layer {e.args[0]}: no calibrated input range") from None
+        return _quantizer(-a, a, dtype)
+
+    chosen: dict[str, ActQuant] = {}
+    if placement == "consumer":
+        for layer in act_layers:
+            dtype = "fp8" if manifest.layers[layer].act.dtype == "fp8" else act_dtype
+            chosen[layer] = (choose_range(stats[layers[layer].input], dtype, cal, weight_of(layer)[0]) if stats
+                             else from_amax([layer], dtype))
+
+    def source(layer: str):
+        w, amax = weight_of(layer)
+        return w, amax, chosen.get(layer)
+
+    counts, n_act = write_qdq(model, manifest, source, layers, activations=placement == "consumer")
+    if groups:
+        keep_float = {id(ref.node) for name, ref in layers.items() if name not in set(act_layers)}
+        for src, served in groups:
+            q = (choose_range(InputStats.merged([stats[t] for t in src]), act_dtype, cal, None) if stats
+                 else from_amax(served, act_dtype))
+            for t in src:
+                insert_activation_qdq(model, t, q, keep_float)
+            n_act += len(src)
+    return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": act_dtype if act_layers else None}
+
+
+def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.ndarray:
+    """The weight amax of `fmt` from the float weight: full-range or absmax scales (lowbit.quantize.refine)."""
+    import torch
+
+    from lowbit.quantize.refine import full_range_amax, per_row_integer
+
+    if weight_range == "full" and per_row_integer(fmt.weight):
+        return full_range_amax(torch.from_numpy(np.ascontiguousarray(w)), int(fmt.weight.bits),
+                               fmt.weight.granularity == "per_channel").numpy().reshape(-1).astype(np.float32)
+    a = np.abs(w)
+    if fmt.weight.granularity == "per_channel":
+        return a.reshape(a.shape[0], -1).max(1)
+    if fmt.weight.granularity == "block":
+        b = fmt.weight.block_size
+        if w.shape[1] % b:
+            raise LowbitError(f"block size {b} does not divide {w.shape[1]} input channels")
+        return a.reshape(w.shape[0], w.shape[1] // b, b, *w.shape[2:]).max(2).reshape(-1)
+    return a.max().reshape(1)
+
+
+def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray | None = None,
+                  target: str = "tensorrt", calibration: ActivationCalibration | None = None,
+                  progress: bool = False) -> OnnxQuantInfo:
+    """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`, for `target` (lowbit.targets);
+    written only when it is whole."""
+    import onnx
+
+    from lowbit import targets
+    from lowbit.io import atomic_write_bytes
+    from lowbit.quantize.qdq import conv_groups
+
+    tgt = targets.get_target(target)
+    if manifest.weight_clip != "max" and any(f.weight is not None for f in manifest.layers.values()):
+        raise LowbitError(f"manifest {manifest.name!r} asks for {manifest.weight_clip} weight rounding, which needs the "
+                          "PyTorch model: materialize it with `lowbit quantize -m MODEL --manifest M.json`, then "
+                          "`lowbit export`; or set its weight_clip to \"max\" for plain rounding on the graph")
+    model = load_graph(src)
+    layers = conv_layers(model)
+    done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
+                          progress=progress)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise LowbitError(f"the Q/DQ graph written for {manifest.name} is invalid: {e}") from None
+    data = model.SerializeToString()
+    verdict = targets.check(target, manifest, conv_groups(layers))
+    atomic_write_bytes(out, data)
+    return OnnxQuantInfo(path=str(out), target=target, layers_quantized=len(manifest.layers), calibration=calibration,
+                         calibration_images=0 if images is None else len(images), size_mb=len(data) / 1e6,
+                         deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
+
+
+def uniform_manifest(model, path: str, fmt: str | Format) -> "Manifest":  # noqa: F821
+    """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph (weight_clip "max")."""
+    from lowbit.formats import parse_format
+    from lowbit.quantize.manifest import Manifest
+    from lowbit.quantize.qdq import uniform_layers
+
+    fmt = parse_format(fmt)
+    return Manifest(name=fmt.name, model=str(path), layers=uniform_layers(model, fmt), weight_clip="max",
+                    origin={"kind": "onnx-native"})
