@@ -37,13 +37,17 @@ class DataConfig(BaseModel):
 class EvalConfig(BaseModel):
     model: str
     data: DataConfig
-    imgsz: int = 640
+    imgsz: int | None = None  # default: a graph's own static input size, else 640
     batch: int = 1
     device: str = "cpu"
     threads: int | None = None
     # torch, onnxruntime, openvino or openvino-f32 (lowbit.evaluate.runners); default: torch for a PyTorch model,
     # onnxruntime for an .onnx, openvino for an OpenVINO IR
     runtime: str | None = None
+    # a graph lowbit did not export: its preprocessing and decoder (lowbit.models.onnx_detector), over the model
+    # card beside it
+    preprocess: str | None = None
+    decoder: str | None = None
 
 
 class QuantizeConfig(BaseModel):
@@ -80,15 +84,16 @@ def demo_assets() -> dict[str, str]:
             "study": str(root / "study-demo.yaml")}
 
 
-def layers(model: str, imgsz: int = 640) -> list[LayerInfo]:
+def layers(model: str, imgsz: int | None = None) -> list[LayerInfo]:
     """Every conv/linear layer of a PyTorch model, or every Conv of an ONNX graph (named as lowbit.quantize.qdq
     names them: manifests for `quantize-onnx` use these names)."""
     if Path(model).suffix == ".onnx":
         from lowbit.quantize.qdq import load_graph
         from lowbit.sensitivity.onnx_node import onnx_layers
 
-        return onnx_layers(load_graph(model), imgsz)
-    return load_detector(model, imgsz).layers()
+        _, size = _graph_card(model, imgsz, None, None)
+        return onnx_layers(load_graph(model), size)
+    return load_detector(model, imgsz or 640).layers()
 
 
 def _graph_names(path: Path) -> dict[int, str] | None:
@@ -116,30 +121,43 @@ def _is_graph(path: Path) -> bool:
     return path.suffix in (".onnx", ".xml") or path.is_dir() and any(path.glob("*.xml"))
 
 
-def open_for_eval(model: str, dataset: Dataset, imgsz: int):
-    """(runnable, class names) for a .pt/.yaml, a quantized checkpoint folder, an .onnx file or an OpenVINO IR."""
+def open_for_eval(model: str, dataset: Dataset, imgsz: int | None, preprocess: str | None = None,
+                  decoder: str | None = None):
+    """(runnable, class names, image size, model card or None) for a .pt/.yaml, a quantized checkpoint folder, an
+    .onnx file or an OpenVINO IR. A graph's card (lowbit.models.onnx_detector) says how it is fed and decoded."""
     path = Path(model)
     if _is_graph(path):
         from lowbit.evaluate.runners import openvino_model_file
+        from lowbit.models.onnx_detector import class_names, graph_input_size, load_card
 
-        names = _graph_names(openvino_model_file(path)) if path.exists() else None
-        return str(path), names or dict(dataset.names or {})
+        if not path.exists():
+            raise LowbitError(f"{path}: {'ONNX' if path.suffix == '.onnx' else 'model'} file not found")
+        file = openvino_model_file(path)
+        card = load_card(file, preprocess, decoder)
+        size = graph_input_size(file)
+        if imgsz is not None and size is not None and imgsz != size:
+            raise LowbitError(f"{model}: its input takes {size}x{size} images; evaluate it with --imgsz {size}")
+        return str(path), class_names(card, _graph_names(file), dataset), imgsz or size or 640, card
+    if preprocess or decoder:
+        raise LowbitError("--preprocess and --decoder describe a graph lowbit did not export; a PyTorch model is "
+                          "Ultralytics'")
+    imgsz = imgsz or 640
     if path.is_dir():
         net, manifest = load_quantized(path)
         det = load_detector(manifest.model, imgsz)
-        return net, det.names
+        return net, det.names, imgsz, None
     det = load_detector(model, imgsz)
-    return det.net, det.names
+    return det.net, det.names, imgsz, None
 
 
 def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> EvalResult:
     run = RunDir(out, "eval")
     run.write_json("config.json", cfg)
     dataset = cfg.data.load()
-    runnable, names = open_for_eval(cfg.model, dataset, cfg.imgsz)
+    runnable, names, imgsz, card = open_for_eval(cfg.model, dataset, cfg.imgsz, cfg.preprocess, cfg.decoder)
     run.log.info("evaluating %s on %s (%d images)", cfg.model, dataset.source, len(dataset))
-    res = evaluate(runnable, dataset, names, cfg.imgsz, cfg.batch, cfg.device, progress=progress,
-                   model_name=cfg.model, threads=cfg.threads, runtime=cfg.runtime)
+    res = evaluate(runnable, dataset, names, imgsz, cfg.batch, cfg.device, progress=progress,
+                   model_name=cfg.model, threads=cfg.threads, runtime=cfg.runtime, card=card)
     run.write_json("results.json", res)
     save_detections(run.path, res.detections)
     run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
@@ -186,10 +204,9 @@ def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: boo
                               f"(rerun it on this model: older runs did not keep their detections)")
         configs.append(EvalConfig.model_validate(read_json(r / "config.json")))
         scored.append(read_json(r / "results.json"))
-        if configs[-1].data != configs[0].data or configs[-1].imgsz != configs[0].imgsz:
-            raise LowbitError(f"{r}: evaluated on {configs[-1].data.model_dump()} at {configs[-1].imgsz} px, but "
-                              f"{runs[0]} on {configs[0].data.model_dump()} at {configs[0].imgsz} px; "
-                              "a paired comparison needs the same images")
+        if configs[-1].data != configs[0].data:
+            raise LowbitError(f"{r}: evaluated on {configs[-1].data.model_dump()}, but {runs[0]} on "
+                              f"{configs[0].data.model_dump()}; a paired comparison needs the same images")
     dataset = configs[0].data.load()
     evals = []
     for r, res, dets in zip(runs, scored, found):
@@ -279,13 +296,14 @@ class SensitivityConfig(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["distortion"])
     formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
     batch: int = 8
-    imgsz: int = 640
+    imgsz: int | None = None  # default: an ONNX graph's own input size, else 640
     device: str = "cpu"
     layers: list[str] | None = None  # glob patterns; default: every quantizable layer
     top_k: int = 10
     weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
     weight_range: WeightRange = "full"  # and their integer scales (likewise)
     target: str = "tensorrt"  # the onnx method encodes INT8 activations as this target does (lowbit.targets)
+    preprocess: str | None = None  # an .onnx lowbit did not export: how it takes images, over its model card
 
 
 def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
@@ -311,9 +329,12 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         if set(methods) != {"onnx"}:
             raise LowbitError(f"{cfg.model}: an ONNX model is scored by the 'onnx' method only; "
                               f"{sorted(set(methods) - {'onnx'})} need the PyTorch model")
-        det, layers, options["onnx"] = None, onnx_layers(load_graph(cfg.model), cfg.imgsz), cfg.model
+        card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
+        pre = card.preprocess
+        det, layers, options["onnx"] = None, onnx_layers(load_graph(cfg.model), imgsz), cfg.model
     else:
-        det = detector or load_detector(cfg.model, cfg.imgsz)
+        imgsz, pre = cfg.imgsz or 640, None
+        det = detector or load_detector(cfg.model, imgsz)
         layers = det.quantizable_layers()
     data = cfg.calib.load()
     if not data.has_labels and NEEDS_LABELS & set(methods):
@@ -323,13 +344,13 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         layers = [x for x in layers if any(fnmatch.fnmatch(x.name, p) for p in cfg.layers)]
         if not layers:
             raise LowbitError(f"no quantizable layer matches {cfg.layers}")
-    batches = make_batches(data, cfg.imgsz, cfg.batch, progress=progress)
+    batches = make_batches(data, imgsz, cfg.batch, progress=progress, preprocess=pre)
     ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={**options, "dataset": data})
     images = [str(r.path) for r in data.images]
     reports = {}
     for name, method in methods.items():
         store = ScoreStore(run.file(f"scores-{name}.jsonl"),
-                           fingerprint(cfg.model, name, cfg.formats, images, cfg.imgsz, cfg.batch, [x.name for x in layers]))
+                           fingerprint(cfg.model, name, cfg.formats, images, imgsz, cfg.batch, [x.name for x in layers]))
         resumed = len(store.scores)
         run.log.info("method %s: %d scores already done", name, resumed)
         t = time.perf_counter()
@@ -337,7 +358,7 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         ctx.options["autoquant_checkpoint"] = str(run.file(f"autoquant-{name}.pth"))
         method(ctx, store)
         dt = time.perf_counter() - t
-        rep = build_report(cfg.model, name, [f.name for f in formats], layers, store.table(), len(data), cfg.imgsz,
+        rep = build_report(cfg.model, name, [f.name for f in formats], layers, store.table(), len(data), imgsz,
                            cfg.device, dt, resumed)
         write_report(rep, run.file(name), index_csv=run.path.parent / "sensitivity-index.csv")
         run.log.info("method %s: %.1f s", name, dt)
@@ -350,8 +371,24 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
 
 
 
-def _images(data: DataConfig, imgsz: int) -> "np.ndarray":  # noqa: F821
-    return torch.cat([b.images for b in make_batches(data.load(), imgsz, 8)]).numpy()
+def _images(data: DataConfig, imgsz: int, preprocess=None) -> "np.ndarray":  # noqa: F821
+    return torch.cat([b.images for b in make_batches(data.load(), imgsz, 8, preprocess=preprocess)]).numpy()
+
+
+def _graph_card(model: str, imgsz: int | None, preprocess: str | None, decoder: str | None):
+    """(model card, input size) of a graph: the card beside it with the options on top; the graph's own static
+    input size unless `imgsz` says otherwise (and then they must agree)."""
+    from lowbit.models.onnx_detector import graph_input_size, load_card
+
+    if not Path(model).is_file():
+        raise LowbitError(f"{model}: ONNX file not found")
+    size = graph_input_size(model)
+    if imgsz is not None and size is not None and imgsz != size:
+        raise LowbitError(f"{model}: its input takes {size}x{size} images, not {imgsz}")
+    size = imgsz or size or 640
+    if size <= 0 or size % 32:
+        raise LowbitError(f"{model}: image size {size} must be a positive multiple of 32")
+    return load_card(model, preprocess, decoder), size
 
 
 class ExportConfig(BaseModel):
@@ -392,8 +429,9 @@ class QuantizeOnnxConfig(BaseModel):
     manifest: str | None = None  # ... or a manifest file (layer names as the graph's: `lowbit layers -m MODEL.onnx`)
     target: str = "openvino-cpu"
     calib: DataConfig | None = None  # calibration images, for activation formats
-    imgsz: int = 640
+    imgsz: int | None = None  # default: the graph's own input size
     calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
+    preprocess: str | None = None  # how the graph takes images (lowbit.models.onnx_detector), over its model card
 
 
 def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, progress: bool = True):
@@ -411,7 +449,8 @@ def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, pr
     manifest = (Manifest.load(cfg.manifest) if cfg.manifest
                 else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats))
     t = time.perf_counter()
-    images = _images(cfg.calib, cfg.imgsz) if cfg.calib else None
+    card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
+    images = _images(cfg.calib, imgsz, card.preprocess) if cfg.calib else None
     info = quantize_onnx(cfg.model, manifest, cfg.onnx or run.file("model.onnx"), images, cfg.target, cfg.calibration,
                          progress)
     run.write_json("results.json", {**info.model_dump(), "seconds": time.perf_counter() - t})
@@ -485,6 +524,8 @@ class BenchConfig(BaseModel):
     # (None: the COCO images lowbit carries); verify_images of them
     verify: DataConfig | None = None
     verify_images: int = Field(8, ge=0)  # 0: no output check (the table then says so)
+    preprocess: str | None = None  # graphs lowbit did not export: how they take images and are decoded
+    decoder: str | None = None
 
 
 class BenchRun(BaseModel):
@@ -502,7 +543,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
     if cfg.verify_images:
         data = cfg.verify or DataConfig(path=demo_assets()["val"])
         batches = make_batches(data.model_copy(update={"max_images": cfg.verify_images}).load(), 640, 1)
-    rows = bench_models(cfg.models, cfg.threads, cfg.warmup, cfg.reps, batches, progress=progress)
+    rows = bench_models(cfg.models, cfg.threads, cfg.warmup, cfg.reps, batches, progress=progress,
+                        preprocess=cfg.preprocess, decoder=cfg.decoder)
     res = BenchRun(host=host_cpu(), results=[r.model_dump() for r in rows])
     run.write_json("results.json", res)
     run.log.info("benchmarked %d graphs on %s", len(cfg.models), res.host["cpu"])

@@ -18,6 +18,12 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
 OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
+PREPROCESS = typer.Option(None, help="how a graph lowbit did not export takes its images: a preset (ultralytics, "
+                          "yolox, torchvision, imagenet) and/or key=value (color=bgr, scale=1, mean=a/b/c, std=a/b/c, "
+                          "resize=letterbox|letterbox-corner|stretch, pad=114); default: the model card beside it, "
+                          "else Ultralytics'")
+DECODER = typer.Option(None, help="how its outputs are read: ultralytics, yolox, boxes-scores, nms-inside (default: "
+                       "the model card, else detected from the output shapes)")
 TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), tensorrt "
                "(symmetric INT8/FP8 Q/DQ before each conv), onnxruntime-cpu, or size (storage only)")
 RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
@@ -50,7 +56,8 @@ def _table(rows) -> Table:
 
 
 @app.command()
-def layers(model: str = MODEL, imgsz: int = typer.Option(640, help="image size for MACs"),
+def layers(model: str = MODEL, imgsz: Optional[int] = typer.Option(None, help="image size for MACs (default: an ONNX "
+                                                                        "graph's own, else 640)"),
            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON")):
     """List quantizable layers: name, type, weight shape, params, MACs."""
     from lowbit import api
@@ -74,7 +81,9 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
           images: Optional[str] = typer.Option(None, help="image folder for a COCO json"),
           max_images: Optional[int] = typer.Option(None, help="deterministic subset size"),
           seed: Optional[int] = typer.Option(0, help="subset seed"),
-          imgsz: int = 640, batch: int = 1, device: str = "cpu",
+          imgsz: Optional[int] = typer.Option(None, help="input size (default: a graph's own, else 640)"),
+          batch: int = 1, device: str = "cpu",
+          preprocess: Optional[str] = PREPROCESS, decoder: Optional[str] = DECODER,
           runtime: Optional[str] = typer.Option(None, help="torch, onnxruntime, openvino (its default precision: BF16 "
                                                 "on CPUs that have it) or openvino-f32; default: torch for a PyTorch "
                                                 "model, onnxruntime for .onnx, openvino for an OpenVINO IR"),
@@ -84,7 +93,7 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
     from lowbit.api import EvalConfig, SchemeRow, run_eval
 
     cfg = EvalConfig(model=model, data=_data(data, images, max_images, seed), imgsz=imgsz, batch=batch,
-                     device=device, threads=threads, runtime=runtime)
+                     device=device, threads=threads, runtime=runtime, preprocess=preprocess, decoder=decoder)
     res = run_eval(cfg, out)
     bits, int4 = float("nan"), float("nan")  # unknown for a float model or an ONNX file
     if (Path(model) / "manifest.json").is_file():  # a quantized checkpoint states its scheme
@@ -146,7 +155,9 @@ def sensitivity(model: str = MODEL,
                 method: str = typer.Option("distortion", help="comma list: distortion, gradient, gradient-selfsup, ablation, onnx (Q/DQ one Conv at a time in the ONNX graph; the only one for a .onnx model)"),
                 formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="comma list of formats to score"),
                 images: Optional[int] = typer.Option(32, help="scoring images (deterministic subset)"),
-                batch: int = 8, imgsz: int = 640, device: str = "cpu",
+                batch: int = 8, imgsz: Optional[int] = typer.Option(None, help="input size (default: an ONNX graph's "
+                                                                    "own, else 640)"), device: str = "cpu",
+                preprocess: Optional[str] = PREPROCESS,
                 layers: Optional[str] = typer.Option(None, help="comma list of layer-name globs to score"),
                 clip: str = typer.Option("gptq", help="integer weight rounding of probed layers: gptq, output, output+gptq or max"),
                 weight_range: str = RANGE, out: Optional[Path] = OUT):
@@ -156,7 +167,7 @@ def sensitivity(model: str = MODEL,
     cfg = SensitivityConfig(model=model, calib=_data(calib, None, images, 0), methods=method.split(","),
                             formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
                             layers=layers.split(",") if layers else None, weight_clip=clip,
-                            weight_range=weight_range)
+                            weight_range=weight_range, preprocess=preprocess)
     reports = run_sensitivity(cfg, out)
     for name, rep in reports.items():
         t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")
@@ -254,6 +265,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
+    _kept_float(info.activations_kept_float)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
     if info.parity_max_abs is not None:
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
@@ -317,7 +329,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   method: str = typer.Option("mean-minmax", help="activation range: max, mean-minmax (mean over images of each "
                                              "image's range), percentile or mse"),
-                  imgsz: int = 640, out: Optional[Path] = OUT):
+                  imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
+                  preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
     a deployment target."""
     from lowbit.api import ActivationCalibration, QuantizeOnnxConfig, run_quantize_onnx
@@ -325,11 +338,19 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
     info = run_quantize_onnx(QuantizeOnnxConfig(
         model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=fmt, manifest=str(manifest) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, 0) if calib else None, imgsz=imgsz,
-        calibration=ActivationCalibration(method=method)), out)
+        calibration=ActivationCalibration(method=method), preprocess=preprocess), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
                   f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
+    _kept_float(info.activations_kept_float)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
+
+
+def _kept_float(layers: dict[str, float]) -> None:
+    if layers:
+        console.print(f"[yellow]activations kept float[/yellow] in {len(layers)} layer(s), where INT8 would lose this "
+                      "share of the input's signal: " + ", ".join(f"{n} {e:.0%}" for n, e in sorted(
+                          layers.items(), key=lambda kv: -kv[1])[:8]))
 
 
 @app.command()
@@ -340,13 +361,14 @@ def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO
           verify: Optional[str] = typer.Option(None, help="images to check each runtime's detections on before timing "
                                                "(default: the COCO images lowbit carries)"),
           verify_images: int = typer.Option(8, help="how many of them; 0 skips the check"),
-          out: Optional[Path] = OUT):
+          preprocess: Optional[str] = PREPROCESS, decoder: Optional[str] = DECODER, out: Optional[Path] = OUT):
     """Latency of graphs on every runtime present (ONNX Runtime, OpenVINO at its default precision and at f32),
     timed interleaved; a runtime whose detections diverge from ONNX Runtime's fails instead of being timed."""
     from lowbit.api import BenchConfig, run_bench
 
     res = run_bench(BenchConfig(models=[str(m) for m in models], threads=threads, reps=reps,
-                                verify=_data(verify, None, None, 0) if verify else None, verify_images=verify_images), out)
+                                verify=_data(verify, None, None, 0) if verify else None, verify_images=verify_images,
+                                preprocess=preprocess, decoder=decoder), out)
     cpu = res.host
     t = Table(title=f"lowbit bench on {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'}), interleaved",
               caption=f"speed-up: the first model's median over this one's on the same runtime; vs f32: over the first "

@@ -141,3 +141,32 @@ def test_compare_pairs_the_runs_and_names_a_bad_one(tmp_path, assets, capsys):
         assert e.value.code == 2
         printed = "".join(capsys.readouterr().out.split())
         assert "".join(msg.split()) in printed, (args, printed)
+
+
+def test_search_quantize_export_bench_chain_on_the_cli(tmp_path, assets):
+    """A manifest from `lowbit search` becomes a checkpoint (`quantize --manifest`), a Q/DQ ONNX for OpenVINO
+    (`export`), and a timed, output-checked graph (`bench`)."""
+    common = ["-m", "yolov10n.yaml", "--imgsz", "64"]
+    r = runner.invoke(app, ["sensitivity", *common, "--calib", assets["calib"], "--images", "4", "--method",
+                            "distortion", "-f", "W8A8", "--clip", "max", "--layers", "model.2.*,model.4.*",
+                            "-o", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", "-s", str(tmp_path / "s" / "distortion"), "-f", "W8A8", "--topk", "3",
+                            "--low", "W8A8", "--high", "FP16", "-o", str(tmp_path / "schemes")])
+    assert r.exit_code == 0, r.output
+    (manifest,) = (tmp_path / "schemes").glob("*.json")
+    chosen = json.loads(manifest.read_text())["layers"]
+    assert len(chosen) == 7  # the three most sensitive of the ten scored layers stay float
+    r = runner.invoke(app, ["quantize", *common, "--manifest", str(manifest), "--calib", assets["calib"],
+                            "--calib-images", "4", "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    (ckpt,) = [p for p in (tmp_path / "q").iterdir() if (p / "manifest.json").is_file()]
+    assert set(json.loads((ckpt / "manifest.json").read_text())["layers"]) == set(chosen)
+    r = runner.invoke(app, ["export", "-c", str(ckpt), "--target", "openvino-cpu", "--calib", assets["calib"],
+                            "--calib-images", "4", "--onnx", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "deployable" in r.output, r.output
+    r = runner.invoke(app, ["bench", str(tmp_path / "m.onnx"), "--reps", "2", "--threads", "1", "--verify-images", "2",
+                            "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    assert any(x["runtime"] == "openvino-cpu" and x["median_ms"] for x in rows)

@@ -1,4 +1,4 @@
-"""Letterbox preprocessing (Ultralytics' own `LetterBox`) and re-iterable batches.
+"""Preprocessing (Ultralytics' letterbox by default, or what a model card says) and re-iterable batches.
 
 Batches are a plain list, not Ultralytics' InfiniteDataLoader: ModelOpt's calibration and scoring
 passes must see the same images every time they iterate.
@@ -7,20 +7,86 @@ passes must see the same images every time they iterate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
 from lowbit.data.datasets import Dataset, ImageRecord
 from lowbit.errors import LowbitError
 
 
+class Preprocess(BaseModel):
+    """What a detector expects of an image: the input tensor is (pixel[color order] * scale - mean) / std, at the
+    graph's input size, resized as `resize` says. The default is Ultralytics' (RGB, 0-1, centred letterbox)."""
+
+    color: Literal["rgb", "bgr"] = "rgb"
+    scale: float = 1 / 255
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # letterbox: aspect kept, centred, padded; letterbox-corner: aspect kept, image in the top-left corner (YOLOX);
+    # stretch: resized to the square, aspect not kept
+    resize: Literal["letterbox", "letterbox-corner", "stretch"] = "letterbox"
+    pad: int = 114
+
+    @property
+    def is_default(self) -> bool:
+        return self == Preprocess()
+
+
+# named presets for `--preprocess`; any field can also be set as key=value
+PREPROCESS_PRESETS = {
+    "ultralytics": Preprocess(),
+    "yolox": Preprocess(color="bgr", scale=1.0, resize="letterbox-corner"),
+    "torchvision": Preprocess(resize="stretch"),  # its graphs normalize inside
+    "imagenet": Preprocess(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+}
+
+
+def parse_preprocess(spec: str | Preprocess | None) -> Preprocess:
+    """A preset name, `key=value` pairs separated by commas (lists with `/`: mean=0.485/0.456/0.406), or both:
+    `yolox,pad=0`."""
+    if spec is None or isinstance(spec, Preprocess):
+        return spec or Preprocess()
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if "=" not in part:
+            if part not in PREPROCESS_PRESETS:
+                raise LowbitError(f"unknown preprocessing {part!r}: use a preset ({', '.join(PREPROCESS_PRESETS)}) or "
+                                  f"key=value with keys {', '.join(Preprocess.model_fields)}")
+            out.update(PREPROCESS_PRESETS[part].model_dump())
+            continue
+        key, value = (x.strip() for x in part.split("=", 1))
+        if key not in Preprocess.model_fields:
+            raise LowbitError(f"unknown preprocessing key {key!r}; keys: {', '.join(Preprocess.model_fields)}")
+        out[key] = [float(v) for v in value.split("/")] if key in ("mean", "std") else value
+    from pydantic import ValidationError
+
+    try:
+        return Preprocess.model_validate(out)
+    except ValidationError as e:
+        raise LowbitError(f"preprocessing {spec!r}: {e.errors()[0]['msg']}") from None
+
+
 @dataclass
 class Letterboxed:
-    image: np.ndarray  # uint8 CHW RGB, imgsz x imgsz
+    image: np.ndarray  # uint8 CHW in the model's color order, imgsz x imgsz
     record: ImageRecord
     orig_shape: tuple[int, int]  # (h, w)
+    gain: tuple[float, float] = (1.0, 1.0)  # input pixels per original pixel, (x, y)
+    offset: tuple[float, float] = (0.0, 0.0)  # padding before the image, (x, y), in input pixels
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """x1 y1 x2 y2 boxes in input pixels -> original image pixels, clipped to the image."""
+        b = boxes.astype(np.float64).copy()
+        b[:, [0, 2]] = (b[:, [0, 2]] - self.offset[0]) / self.gain[0]
+        b[:, [1, 3]] = (b[:, [1, 3]] - self.offset[1]) / self.gain[1]
+        h, w = self.orig_shape
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+        return b
 
 
 def letterbox_geometry(orig_shape: tuple[int, int], imgsz: int) -> tuple[float, float, float]:
@@ -32,15 +98,30 @@ def letterbox_geometry(orig_shape: tuple[int, int], imgsz: int) -> tuple[float, 
     return gain, pad_x, pad_y
 
 
-def letterbox(record: ImageRecord, imgsz: int) -> Letterboxed:
-    from ultralytics.data.augment import LetterBox
-
-    img = cv2.imread(str(record.path))
+def letterbox(record: ImageRecord, imgsz: int, pre: Preprocess | None = None) -> Letterboxed:
+    pre = pre or Preprocess()
+    img = cv2.imread(str(record.path))  # BGR
     if img is None:
         raise LowbitError(f"{record.path}: cannot read image")
-    out = LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True)(image=img)
-    chw = np.ascontiguousarray(out[..., ::-1].transpose(2, 0, 1))
-    return Letterboxed(chw, record, img.shape[:2])
+    h, w = img.shape[:2]
+    if pre.resize == "letterbox":
+        from ultralytics.data.augment import LetterBox
+
+        out = LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, padding_value=pre.pad)(image=img)
+        gain, px, py = letterbox_geometry((h, w), imgsz)
+        geometry = (gain, gain), (px, py)
+    elif pre.resize == "letterbox-corner":  # YOLOX's preproc: resized into the top-left corner
+        r = min(imgsz / h, imgsz / w)
+        out = np.full((imgsz, imgsz, 3), pre.pad, np.uint8)
+        out[:int(h * r), :int(w * r)] = cv2.resize(img, (int(w * r), int(h * r)), interpolation=cv2.INTER_LINEAR)
+        geometry = (r, r), (0.0, 0.0)
+    else:
+        out = cv2.resize(img, (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
+        geometry = (imgsz / w, imgsz / h), (0.0, 0.0)
+    if pre.color == "rgb":
+        out = out[..., ::-1]
+    chw = np.ascontiguousarray(out.transpose(2, 0, 1))
+    return Letterboxed(chw, record, (h, w), *geometry)
 
 
 @dataclass
@@ -69,14 +150,21 @@ class Batch:
                 "bboxes": torch.from_numpy(np.concatenate(boxes).astype(np.float32))}
 
 
-def make_batches(dataset: Dataset, imgsz: int = 640, batch_size: int = 8, progress: bool = False) -> list[Batch]:
-    """Decode and letterbox every image once; batches hold float tensors ready for the model."""
+def make_batches(dataset: Dataset, imgsz: int = 640, batch_size: int = 8, progress: bool = False,
+                 preprocess: Preprocess | None = None) -> list[Batch]:
+    """Decode and preprocess every image once; batches hold float tensors ready for the model."""
     from lowbit.progress import track
 
-    items = [letterbox(r, imgsz) for r in track(dataset.images, "loading images", enabled=progress)]
+    pre = preprocess or Preprocess()
+    items = [letterbox(r, imgsz, pre) for r in track(dataset.images, "loading images", enabled=progress)]
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
     batches = []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        x = torch.from_numpy(np.stack([c.image for c in chunk])).float() / 255.0
+        x = torch.from_numpy(np.stack([c.image for c in chunk])).float()
+        x = x / 255.0 if pre.scale == 1 / 255 else x * pre.scale  # the default divides, as Ultralytics does
+        if not pre.is_default:
+            x = (x - mean) / std
         batches.append(Batch(x, chunk))
     return batches

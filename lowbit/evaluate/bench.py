@@ -130,7 +130,8 @@ def _runners_for(path: Path, threads: int | None, present: dict[str, tuple[bool,
 
 
 def bench_models(models: list[str | Path], threads: int | None = None, warmup: int = 5, reps: int = 30,
-                 verify=None, nc: int = 80, progress: bool = False) -> list[BenchResult]:
+                 verify=None, nc: int = 80, progress: bool = False, preprocess: str | None = None,
+                 decoder: str | None = None) -> list[BenchResult]:
     """Every graph (.onnx, or an OpenVINO IR) on every runtime present, timed together, interleaved.
 
     `verify`: batches of real images (lowbit.data.loader) on which each runtime's detections are first checked
@@ -138,6 +139,7 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
     baseline of each row's speed-up."""
     from lowbit.evaluate import parity
     from lowbit.evaluate.runners import OpenVinoRunner, openvino_model_file
+    from lowbit.models.onnx_detector import load_card
 
     present = runtimes()
     results: list[BenchResult] = []
@@ -150,6 +152,7 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
             raise LowbitError(f"{path}: model file not found")
         if path.suffix != ".onnx":
             path = openvino_model_file(path)
+        card = load_card(path, preprocess, decoder)
         rows = _runners_for(path, threads, present)
         ref = next((r for name, r in rows if name == "ort-cpu" and not isinstance(r, str)), None)
         for name, r in rows:
@@ -160,14 +163,15 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
                 continue
             res.batch = r.batch or 1
             if verify is not None and ref is not None and r is not ref:
-                res.parity = parity.check(ref, r, _fit(verify, r, fitted), nc, r.input_shape[-1])
+                res.parity = parity.check(ref, r, _fit(verify, r, card.preprocess, fitted), nc, r.input_shape[-1],
+                                          None if card.decoder == "auto" and card.preprocess.is_default else card)
                 res.note = res.parity.note
                 if res.failed:
                     continue
             elif verify is not None and ref is None:
                 res.note = "no reference runtime reads this graph: check its mAP with `lowbit eval --runtime openvino`"
             x = r.random_input()
-            runs[f"{len(results)}"] = ((lambda v, r=r: r._run(v)), x)
+            runs[f"{len(results)}"] = ((lambda v, r=r: r.run_raw(v)), x)
             live[f"{len(results)}"] = (res, r)
     times = interleaved(runs, warmup, reps) if runs else {}
     for label, (res, r) in live.items():
@@ -189,17 +193,20 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
     return results
 
 
-def _fit(batches, runner, cache: dict):
-    """The verify images at the graph's input size (letterboxed again where it differs; a runner takes any batch)."""
+def _fit(batches, runner, preprocess, cache: dict):
+    """The verify images as the graph takes them: its input size and preprocessing (prepared again where they
+    differ from the batches'; a runner takes any batch)."""
     from lowbit.data.datasets import Dataset
     from lowbit.data.loader import make_batches
 
     size = runner.input_shape[-1]
-    if batches[0].images.shape[-1] == size:
+    if batches[0].images.shape[-1] == size and preprocess.is_default:
         return batches
-    if size not in cache:
-        cache[size] = make_batches(Dataset("verify", [it.record for b in batches for it in b.items]), size, 1)
-    return cache[size]
+    key = (size, preprocess.model_dump_json())
+    if key not in cache:
+        cache[key] = make_batches(Dataset("verify", [it.record for b in batches for it in b.items]), size, 1,
+                                  preprocess=preprocess)
+    return cache[key]
 
 
 def bench(path: str | Path, threads: int | None = None, warmup: int = 5, reps: int = 30,
@@ -222,7 +229,7 @@ def compare_openvino(graphs: dict[str, tuple[str | Path, str | None]], threads: 
             out[label] = BenchResult(model=str(path), runtime=runtime, present=True, note=str(e))
             continue
         runners[label] = r
-        runs[label] = ((lambda v, r=r: r._run(v)), r.random_input())
+        runs[label] = ((lambda v, r=r: r.run_raw(v)), r.random_input())
     times = interleaved(runs, warmup, reps)
     for label, r in runners.items():
         t = times[label]

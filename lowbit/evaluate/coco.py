@@ -64,14 +64,14 @@ def coco_map(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
 
 
 def detections_to_coco(batch: Batch, preds: list[torch.Tensor], imgsz: int, cat_ids: dict[int, int]) -> list[dict]:
-    from ultralytics.utils.ops import scale_boxes
-
+    """COCO-format detections of [n, 6] predictions (x1 y1 x2 y2 score class in input pixels), mapped back through
+    each image's own resize and padding."""
     out = []
     for item, p in zip(batch.items, preds):
         if not len(p):
             continue
         p = p.cpu()
-        boxes = scale_boxes((imgsz, imgsz), p[:, :4].clone(), item.orig_shape).numpy()
+        boxes = item.to_original(p[:, :4].numpy())
         for (x1, y1, x2, y2), score, cls in zip(boxes, p[:, 4].tolist(), p[:, 5].tolist()):
             cid = cat_ids.get(int(cls))
             if cid is None:
@@ -106,9 +106,10 @@ def load_detections(folder: str | Path) -> list[dict] | None:
 def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, batch_size: int = 1,
              device: str = "cpu", warmup: int = 3, batches: list[Batch] | None = None,
              progress: bool = True, model_name: str | None = None, threads: int | None = None,
-             runtime: str | None = None) -> EvalResult:
+             runtime: str | None = None, card=None) -> EvalResult:
     """mAP of a detector (torch module, Detector, .onnx path or OpenVINO IR) on a labelled dataset, plus latency,
-    on `runtime` (lowbit.evaluate.runners; default: torch for a module, onnxruntime for an .onnx).
+    on `runtime` (lowbit.evaluate.runners; default: torch for a module, onnxruntime for an .onnx). `card`
+    (lowbit.models.onnx_detector.ModelCard) says how a graph lowbit did not export is fed and decoded.
 
     Latency covers the model's forward only (no decode or NMS), per image, after `warmup` runs.
     """
@@ -122,15 +123,24 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
         raise LowbitError(f"{model}: its input takes {size}x{size} images; evaluate it with --imgsz {size}")
     cat_ids = dataset.category_ids(names)
     if batches is None:
-        batches = make_batches(dataset, imgsz, batch_size, progress=progress)
+        batches = make_batches(dataset, imgsz, batch_size, progress=progress,
+                               preprocess=card.preprocess if card is not None else None)
+    if card is None:
+        def detect(out):
+            return decode(out, len(names), imgsz)
+    else:
+        from lowbit.models.onnx_detector import decode as decode_card
+
+        def detect(out):
+            return decode_card(out, card, len(names), imgsz)
     for _ in range(warmup):
-        runner(batches[0].images)
+        runner.chunks(batches[0].images)
     dets, times = [], []
     for b in track(batches, f"evaluating {runner.name}", enabled=progress):
-        out, dt = timed(runner, b.images)
+        outs, dt = timed(runner, b.images)
         if len(b.items) == batches[0].images.shape[0]:
             times.append(dt)
-        dets.extend(detections_to_coco(b, decode(out, len(names), imgsz), imgsz, cat_ids))
+        dets.extend(detections_to_coco(b, [p for out in outs for p in detect(out)], imgsz, cat_ids))
     stats = coco_map(dataset.coco, dets)
     lat = Latency.from_seconds(runner.name, batches[0].images.shape[0], times or [float("nan")])
     return EvalResult(model=model_name or str(getattr(model, "source", model)), runtime=runner.name,

@@ -43,12 +43,17 @@ class TorchRunner:
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float()
 
+    def chunks(self, x: torch.Tensor) -> list:
+        return [self(x)]
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
 
 def _static_batch(shape) -> int | None:
+    if len(shape) == 3:  # one image without a batch axis (torchvision's detection exports)
+        return 1
     d = shape[0] if len(shape) else None
     return d if isinstance(d, int) and d > 0 else None
 
@@ -58,17 +63,37 @@ class _GraphRunner:
 
     batch: int | None = None
     input_shape: list
+    outputs: int = 1
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._run_all(x)[0]
+
+    def chunks(self, x: torch.Tensor) -> list:
+        """The graph's outputs for each piece of `x` it takes at once: a tensor per piece, or a tuple of tensors for
+        a graph of several outputs (boxes, scores and labels without a batch axis cannot be concatenated)."""
         x = x.numpy().astype(np.float32)
-        if self.batch is None or x.shape[0] == self.batch:
-            return torch.from_numpy(np.asarray(self._run(x)))
-        if x.shape[0] % self.batch:
+        if self.batch is not None and x.shape[0] % self.batch:
             raise LowbitError(f"{self.path}: its input takes batches of {self.batch}; got {x.shape[0]} images")
-        return torch.from_numpy(np.concatenate([self._run(c) for c in np.split(x, x.shape[0] // self.batch)]))
+        pieces = [x] if self.batch is None or x.shape[0] == self.batch else np.split(x, x.shape[0] // self.batch)
+        if len(self.input_shape) == 3:
+            pieces = [c[0] for c in pieces]
+        out = []
+        for c in pieces:
+            res = [torch.from_numpy(np.asarray(o)) for o in self._run_all(c)]
+            out.append(res[0] if len(res) == 1 else tuple(res))
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The first output for the whole batch (where a graph has several, its first piece's tuple)."""
+        parts = self.chunks(x)
+        if isinstance(parts[0], tuple):
+            if len(parts) > 1:
+                raise LowbitError(f"{self.path}: a graph of several outputs runs one batch of {self.batch} at a time")
+            return parts[0]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def sync(self) -> None:
         pass
@@ -76,6 +101,10 @@ class _GraphRunner:
     def random_input(self) -> np.ndarray:
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in self.input_shape]
         return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+    def run_raw(self, x: np.ndarray):
+        """One inference on an input of the graph's own shape (for timing)."""
+        return self._run_all(x)
 
 
 class OrtRunner(_GraphRunner):
@@ -112,10 +141,11 @@ class OrtRunner(_GraphRunner):
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = self.session.get_inputs()[0].shape
         self.batch = _static_batch(self.input_shape)
+        self.outputs = len(self.session.get_outputs())
         self.name = f"ort-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}{suffix}"
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: x})
 
 
 def openvino_model_file(path: str | Path) -> Path:
@@ -165,8 +195,13 @@ class OpenVinoRunner(_GraphRunner):
         ps = self.compiled.input(0).partial_shape
         self.input_shape = [d.get_length() if d.is_static else -1 for d in ps]
         self.batch = _static_batch(self.input_shape)
+        self.outputs = len(self.compiled.outputs)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.name = f"openvino-cpu-{precision}" if precision else "openvino-cpu"
+
+    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        res = self.request.infer({0: x})
+        return [np.array(res[o]) for o in self.compiled.outputs]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return np.array(self.request.infer({0: x})[self.compiled.output(0)])
@@ -211,9 +246,10 @@ def make_runner(model, runtime: str | None = None, device: str = "cpu", provider
     return TorchRunner(net, device)
 
 
-def timed(runner, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def timed(runner, x: torch.Tensor) -> tuple[list, float]:
+    """(the runner's outputs piece by piece, as `chunks` returns them, seconds)."""
     runner.sync()
     t = time.perf_counter()
-    out = runner(x)
+    out = runner.chunks(x)
     runner.sync()
     return out, time.perf_counter() - t

@@ -28,6 +28,7 @@ class ExportInfo(BaseModel):
     weight_dtypes: dict[str, int]  # dtype -> count of Conv weights stored in it
     activation_qdq: int
     activation_dtype: str | None = None
+    activations_kept_float: dict[str, float] = {}  # layer -> the share of its input's signal INT8 would have lost
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
@@ -102,13 +103,14 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
                 for n, f in manifest.layers.items() if f.act is not None} if calib_images is None else None
     done = quantize_graph(model, manifest, calib_images, tgt.act_dtype, calibration, weights, act_amax, layers,
                           placement=tgt.placement)
+    written = done.pop("manifest")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise LowbitError(f"exported Q/DQ graph for {manifest.name} is invalid: {e}") from None
     data = model.SerializeToString()
     path = atomic_write_bytes(path, data)
-    verdict = targets.check(target, manifest, conv_groups(layers))
+    verdict = targets.check(target, written, conv_groups(layers))
     info = ExportInfo(path=str(path), target=target, layers_quantized=len(manifest.layers), size_mb=len(data) / 1e6,
                       deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
     if parity_images is not None:

@@ -43,6 +43,10 @@ class ActivationCalibration(BaseModel):
     method: RangeMethod = "mse"
     percentile: float = Field(99.99, gt=50, le=100)
     samples_per_image: int = Field(2048, ge=64)  # values kept per image and input for choosing ranges
+    # a tensor whose best INT8 range still loses more than this share of its signal (squared error over squared
+    # value, each input channel weighted by the energy of the weights that read it) stays float, and the result says
+    # so: one channel far larger than the rest wastes a per-tensor range on all the others
+    max_error: float = Field(0.02, gt=0)
 
 
 @dataclass
@@ -139,6 +143,17 @@ def _fake(q: ActQuant, x: np.ndarray) -> np.ndarray:
     return q.fake(x)
 
 
+def relative_error(st: InputStats, q: ActQuant, weight: np.ndarray | None) -> float:
+    """The share of a tensor's signal its quantizer loses (ActivationCalibration.max_error)."""
+    sample = st.sample
+    if not sample.size:
+        return 0.0
+    cw = _input_weights(weight, sample.shape[0]) if weight is not None else np.ones(sample.shape[0])
+    cw = (cw / cw.sum())[:, None]
+    err = float((cw * (_fake(q, sample) - sample) ** 2).mean(1).sum())
+    return err / max(float((cw * sample ** 2).mean(1).sum()), 1e-30)
+
+
 def choose_range(st: InputStats, dtype: str, cal: ActivationCalibration, weight: np.ndarray | None) -> ActQuant:
     """The quantizer of one conv input: `dtype` int8 / fp8 (symmetric) or uint8 (asymmetric)."""
     if cal.method == "max" or dtype == "fp8" or not np.isfinite(st.lo):
@@ -172,6 +187,9 @@ class OnnxQuantInfo(BaseModel):
     activation_dtype: str | None
     calibration: ActivationCalibration | None
     calibration_images: int
+    # layers whose input INT8 would have lost more than ActivationCalibration.max_error of its signal: kept float,
+    # with that share
+    activations_kept_float: dict[str, float] = Field(default_factory=dict)
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
@@ -225,26 +243,54 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
         return _quantizer(-a, a, dtype)
 
     chosen: dict[str, ActQuant] = {}
+    kept_float: dict[str, float] = {}  # layer -> the share of its input's signal INT8 would have lost
     if placement == "consumer":
         for layer in act_layers:
             dtype = "fp8" if manifest.layers[layer].act.dtype == "fp8" else act_dtype
-            chosen[layer] = (choose_range(stats[layers[layer].input], dtype, cal, weight_of(layer)[0]) if stats
-                             else from_amax([layer], dtype))
+            if not stats:
+                chosen[layer] = from_amax([layer], dtype)
+                continue
+            st, w = stats[layers[layer].input], weight_of(layer)[0]
+            q = choose_range(st, dtype, cal, w)
+            err = relative_error(st, q, w)
+            if err > cal.max_error:
+                kept_float[layer] = err
+            else:
+                chosen[layer] = q
 
     def source(layer: str):
         w, amax = weight_of(layer)
         return w, amax, chosen.get(layer)
 
+    plans = []
+    for src, served in groups:
+        if not stats:
+            plans.append((src, from_amax(served, act_dtype)))
+            continue
+        direct = len(src) == 1 and all(layers[n].input == src[0] for n in served)
+        merged = stats[src[0]] if direct else InputStats.merged([stats[t] for t in src])
+        q = choose_range(merged, act_dtype, cal, None)
+        # each conv reading the tensor itself weighs its channels by its own weights; through a Concat or Split
+        # the channels no longer line up with a conv's, so they count alike
+        err = max(relative_error(merged, q, graph_w[n] if direct else None) for n in served)
+        if err > cal.max_error:
+            kept_float.update(dict.fromkeys(served, err))
+        else:
+            plans.append((src, q))
+    if kept_float:
+        manifest = manifest.model_copy(update={"layers": {
+            n: f if n not in kept_float else Format(name=f"{f.name}-act-float", weight=f.weight)
+            for n, f in manifest.layers.items()}})
     counts, n_act = write_qdq(model, manifest, source, layers, activations=placement == "consumer")
-    if groups:
-        keep_float = {id(ref.node) for name, ref in layers.items() if name not in set(act_layers)}
-        for src, served in groups:
-            q = (choose_range(InputStats.merged([stats[t] for t in src]), act_dtype, cal, None) if stats
-                 else from_amax(served, act_dtype))
+    if plans:
+        quantized = {n for n, f in manifest.layers.items() if f.act is not None}
+        keep_float = {id(ref.node) for name, ref in layers.items() if name not in quantized}
+        for src, q in plans:
             for t in src:
                 insert_activation_qdq(model, t, q, keep_float)
             n_act += len(src)
-    return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": act_dtype if act_layers else None}
+    return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": act_dtype if act_layers else None,
+            "activations_kept_float": kept_float, "manifest": manifest}
 
 
 def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.ndarray:
@@ -287,12 +333,13 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress)
+    written = done.pop("manifest")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise LowbitError(f"the Q/DQ graph written for {manifest.name} is invalid: {e}") from None
     data = model.SerializeToString()
-    verdict = targets.check(target, manifest, conv_groups(layers))
+    verdict = targets.check(target, written, conv_groups(layers))
     atomic_write_bytes(out, data)
     return OnnxQuantInfo(path=str(out), target=target, layers_quantized=len(manifest.layers), calibration=calibration,
                          calibration_images=0 if images is None else len(images), size_mb=len(data) / 1e6,

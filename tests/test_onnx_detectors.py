@@ -1,0 +1,180 @@
+"""Detector graphs lowbit did not export, of two other families, built here with random weights and exported with
+batch norm folded (weights renamed `onnx::Conv_N`): an anchor-free head with objectness and grid-relative boxes
+(YOLOX's layout, BGR 0-255 input), and torchvision's SSDlite with NMS inside the graph."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+from lowbit.errors import LowbitError
+
+runner = CliRunner()
+SIZE = 128
+
+
+class _AnchorFree(torch.nn.Module):
+    """Backbone of strided conv+BN+SiLU blocks; per stride 8/16/32 a head of [4 box offsets, objectness, 80 classes]
+    with sigmoids on the scores, flattened to [B, anchors, 85] as YOLOX exports it (decoding left outside)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
+                                       torch.nn.SiLU())
+
+        self.stem = torch.nn.Sequential(block(3, 16, 2), block(16, 24, 2), block(24, 32, 2))
+        self.down = torch.nn.ModuleList([block(32, 32, 1), block(32, 48, 2), block(48, 64, 2)])
+        self.heads = torch.nn.ModuleList([torch.nn.Conv2d(c, 85, 1) for c in (32, 48, 64)])
+
+    def forward(self, x):
+        x = self.stem(x / 255.0)
+        outs = []
+        for down, head in zip(self.down, self.heads):
+            x = down(x)
+            y = head(x)
+            y = torch.cat([y[:, :4], y[:, 4:].sigmoid()], 1)
+            outs.append(y.flatten(2))
+        return torch.cat(outs, 2).permute(0, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def anchor_free(tmp_path_factory):
+    torch.manual_seed(0)
+    net = _AnchorFree().eval()
+    for m in net.modules():  # BN statistics away from identity, so folding them changes the weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        for h in net.heads:  # confident enough that detections survive the 0.01 threshold
+            h.bias[4:] = 2.0
+    path = tmp_path_factory.mktemp("af") / "af.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, SIZE, SIZE), str(path), opset_version=13, dynamo=False,
+                      input_names=["images"], output_names=["output"], do_constant_folding=True,
+                      training=torch.onnx.TrainingMode.EVAL)
+    return net, path
+
+
+def _reference_yolox(out: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """YOLOX's published evaluation post-processing, written out independently: decode_outputs, then postprocess
+    with confidence 0.01 and class-aware NMS at 0.65."""
+    from torchvision.ops import batched_nms
+
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        n = size // s
+        yv, xv = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        grids.append(torch.stack((xv, yv), 2).view(1, -1, 2))
+        strides.append(torch.full((1, n * n, 1), s))
+    out = out.clone()
+    out[..., :2] = (out[..., :2] + torch.cat(grids, 1)) * torch.cat(strides, 1)
+    out[..., 2:4] = torch.exp(out[..., 2:4]) * torch.cat(strides, 1)
+    res = []
+    for p in out:
+        xyxy = torch.cat([p[:, :2] - p[:, 2:4] / 2, p[:, :2] + p[:, 2:4] / 2], 1)
+        conf, cls = p[:, 5:].max(1)
+        keep = p[:, 4] * conf >= 0.01
+        score = (p[:, 4] * conf)[keep]
+        idx = batched_nms(xyxy[keep], score, cls[keep], 0.65)
+        res.append(torch.cat([xyxy[keep][idx], score[idx, None], cls[keep][idx, None].float()], 1))
+    return res
+
+
+def test_anchor_free_graph_decodes_as_its_framework_and_runs_every_verb(tmp_path, anchor_free, assets):
+    from lowbit.evaluate.runners import make_runner
+    from lowbit.models.onnx_detector import ModelCard, decode, load_card
+    from lowbit.quantize.qdq import conv_layers, load_graph
+
+    net, path = anchor_free
+    names = [i.name for i in onnx.load(str(path)).graph.initializer]
+    # the six convs with batch norm were folded and renamed (onnx::Conv_N): found by structure, not by name
+    assert sum(n.startswith("onnx::Conv") for n in names) >= 6
+    assert len(conv_layers(load_graph(path))) == 9
+    # the decoder is read off the output shape; it keeps exactly what YOLOX's own post-processing keeps
+    x = torch.rand(2, 3, SIZE, SIZE) * 255
+    out = make_runner(path)(x)
+    ours = decode(out, ModelCard(), 80, SIZE)
+    ref = _reference_yolox(net(x).detach(), SIZE)
+    assert sum(len(r) for r in ref) > 10
+    def rows(p):  # in a fixed order: ONNX Runtime and PyTorch may list equal scores either way round
+        r = np.round(p.numpy().astype(np.float64), 2)
+        return r[np.lexsort(r.T[::-1])]
+
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and np.allclose(rows(a), rows(b), atol=0.011)
+    # preprocessing comes from a card beside the graph, or the command line
+    (tmp_path / "af.lowbit.yaml").write_text("preprocess: yolox\nclasses: coco80\n")
+    card = load_card(tmp_path / "af.onnx")
+    assert card.preprocess.color == "bgr" and card.preprocess.scale == 1.0 and card.preprocess.resize == "letterbox-corner"
+    with pytest.raises(LowbitError, match="unknown preprocessing 'yolo'"):
+        load_card(path, preprocess="yolo")
+
+    common = ["--preprocess", "yolox", "--calib", assets["calib"]]
+    r = runner.invoke(app, ["eval", "-m", str(path), "-d", assets["val"], "--max-images", "4", "--preprocess", "yolox",
+                            "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["imgsz"] == SIZE  # the graph's own size
+    r = runner.invoke(app, ["layers", "-m", str(path)])
+    assert r.exit_code == 0 and "9 quantizable" in r.output, r.output
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
+                            "-o", str(tmp_path / "s"), *common])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
+    assert len(report["rows"]) == 9 and all("W8A8" in row["scores"] for row in report["rows"])
+    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A8", "--calib-images", "4", "--onnx",
+                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "qrun"), *common])
+    assert r.exit_code == 0 and "9 convs" in r.output, r.output
+    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
+                            "--verify-images", "2", "--preprocess", "yolox", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    ov = [x for x in rows if x["model"] == str(tmp_path / "q.onnx") and x["runtime"] == "openvino-cpu"]
+    assert ov and ov[0]["median_ms"] > 0 and ov[0]["parity"]["relative_error"] is not None
+
+
+def test_torchvision_ssdlite_with_nms_inside(tmp_path, assets):
+    import torchvision
+
+    from lowbit.data.datasets import load_dataset
+    from lowbit.data.loader import make_batches, parse_preprocess
+    from lowbit.evaluate.runners import make_runner
+    from lowbit.models.onnx_detector import decode, load_card
+
+    torch.manual_seed(0)
+    net = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                     num_classes=91).eval()
+    path = tmp_path / "ssd.onnx"
+    torch.onnx.export(net, ([torch.rand(3, 320, 320)],), str(path), opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["boxes", "scores", "labels"], do_constant_folding=True)
+    card = load_card(path, preprocess="torchvision")
+    pre = parse_preprocess("torchvision")
+    batch = make_batches(load_dataset(assets["val"]).subset(2), 320, 2, preprocess=pre)[0]
+    outs = make_runner(path).chunks(batch.images)  # a graph without a batch axis runs image by image
+    assert len(outs) == 2 and all(isinstance(o, tuple) and len(o) == 3 for o in outs)
+    for o, item in zip(outs, batch.items):
+        (pred,) = decode(o, card, 91, 320)  # detected: boxes, float scores and integer labels, no batch axis
+        boxes, scores, labels = o
+        assert torch.equal(pred[:, :4], boxes) and torch.equal(pred[:, 4], scores) and torch.equal(pred[:, 5], labels.float())
+        # stretched to 320x320, so back to the original image per axis
+        h, w = item.orig_shape
+        back = item.to_original(np.array([[0.0, 0.0, 320.0, 320.0]]))
+        assert np.allclose(back, [[0, 0, w, h]])
+    r = runner.invoke(app, ["eval", "-m", str(path), "-d", assets["val"], "--max-images", "2", "--preprocess",
+                            "torchvision", "--decoder", "nms-inside", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A16", "--preprocess", "torchvision", "--onnx",
+                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0 and "convs" in r.output, r.output
+
+
+def test_an_unknown_head_is_a_clear_error(tmp_path):
+    from lowbit.models.onnx_detector import ModelCard, decode
+
+    with pytest.raises(LowbitError, match=r"cannot decode model outputs of shapes \[\(1, 7, 3\)\]"):
+        decode(torch.zeros(1, 7, 3), ModelCard(), 80, 64)
