@@ -276,6 +276,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              train: str = typer.Option(..., help="training images (unlabelled is fine): folder, data yaml or COCO json"),
              train_images: Optional[int] = typer.Option(None, help="training subset size (default: all)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
+             max_images: Optional[int] = typer.Option(None, help="evaluation subset size (default: all)"),
              recipe: str = typer.Option("mixed", help="mixed (mixed INT4/INT8 schemes: MSE + Fisher block loss) or w4 "
                                         "(uniform INT4: learned steps; start it from `lowbit quantize --clip gptq-seq`)"),
              block_steps: Optional[int] = typer.Option(None, help="optimizer steps per block (default: the recipe's)"),
@@ -289,7 +290,7 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
         raise LowbitError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
     algo = RECIPES[recipe].model_copy(update={"seed": seed, **({"block_steps": block_steps} if block_steps else {})})
     res = run_finetune(FinetuneRunConfig(checkpoint=str(checkpoint), train=_data(train, None, train_images, 0),
-                                         eval=_data(data, None, None, 0) if data else None, recipe=recipe,
+                                         eval=_data(data, None, max_images, 0) if data else None, recipe=recipe,
                                          config=algo, device=device), out)
     f = res["finetune"]
     console.print(f"{recipe}: {f['steps']} steps in {f['seconds']:.1f} s on {f['device']}, loss {f['first_loss']:.4g} "

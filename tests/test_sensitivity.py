@@ -108,10 +108,10 @@ def test_onnx_method_on_a_bare_onnx_graph(tmp_path, yolov10n, assets):
 
     from lowbit.cli import app
     from lowbit.export.onnx_qdq import export_float_onnx
-    from lowbit.sensitivity.onnx_node import conv_weights, head_outputs
+    from lowbit.sensitivity.onnx_node import head_outputs, scored_weights
 
     model = export_float_onnx(copy.deepcopy(yolov10n.net), 64)  # real weights, tiny images: fast
-    heads = head_outputs(model, conv_weights(model))
+    heads = head_outputs(model, scored_weights(model))
     assert len(heads) == 6 and not any("dfl" in h for h in heads)  # 3 levels x (box, class), DFL decoder set aside
     path = tmp_path / "tiny.onnx"
     onnx.save(model, str(path))

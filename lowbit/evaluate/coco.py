@@ -127,7 +127,8 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
                                preprocess=card.preprocess if card is not None else None)
     if card is None:
         def detect(out):
-            return decode(out, len(names), imgsz)
+            # a YOLO graph exported without Ultralytics' export mode also returns the head's feature maps
+            return decode(out[0] if isinstance(out, tuple) else out, len(names), imgsz)
     else:
         from lowbit.models.onnx_detector import decode as decode_card
 
