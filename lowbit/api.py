@@ -549,3 +549,85 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
     run.write_json("results.json", res)
     run.log.info("benchmarked %d graphs on %s", len(cfg.models), res.host["cpu"])
     return res
+
+
+class SearchConfig(BaseModel):
+    """What to allocate from one sensitivity report: exact budgets (integer program), top-K splits, a Pareto
+    front, and random schemes matching each budget scheme's INT4 share (the control a ranking must beat)."""
+
+    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
+    allow_fp16: bool = True
+    cost: str = "weight_bits"  # or bitops, or latency (then budgets are profiled ms of the latency table)
+    latency_table: str | None = None  # `lowbit latency-table` JSON, for cost: latency
+    budgets: list[float] = Field(default_factory=list)
+    topk: list[int] = Field(default_factory=list)
+    topk_low: str = "W4A16"
+    topk_high: str = "W8A16"
+    pareto_points: int = 0
+    random_seeds: list[int] = Field(default_factory=list)
+
+
+def search_problem(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
+                   weight_range: WeightRange | str = "full"):
+    """(the allocation problem of `report` under `cfg`'s formats and cost, the latency table or {})."""
+    from lowbit.io import read_json
+    from lowbit.search import allocate
+
+    table = {}
+    if cfg.latency_table:
+        if not Path(cfg.latency_table).is_file():
+            raise LowbitError(f"search.latency_table {cfg.latency_table}: file not found (make it with `lowbit latency-table`)")
+        table = read_json(cfg.latency_table)
+    return allocate.Problem(report, cfg.formats, cfg.allow_fp16, cfg.cost, table.get("layers"), weight_clip=weight_clip,
+                            weight_range=weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges")), table
+
+
+def search_schemes(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
+                   weight_range: WeightRange | str = "full") -> list[Manifest]:
+    """Manifests from a SensitivityReport as `cfg` asks, each with its predicted damage (and, with a latency
+    table, its predicted latency) in `origin`."""
+    from lowbit.search import allocate
+
+    p, table = search_problem(report, cfg, weight_clip, weight_range)
+    searched = [allocate.budget(p, b) for b in cfg.budgets]
+    searched += [allocate.top_k(p, k, cfg.topk_low, cfg.topk_high) for k in cfg.topk]
+    searched += allocate.pareto(p, cfg.pareto_points) if cfg.pareto_points else []
+    if not searched:
+        raise LowbitError("nothing to search: give budgets, top-K or Pareto points")
+    if table:  # what the table expects, for a report to set beside the measured latency
+        from lowbit.evaluate.layer_latency import predict_ms
+
+        for m in searched:
+            m.origin.update(predicted_ms=predict_ms(table, {n: f.name for n, f in m.layers.items()}),
+                            predicted_float_ms=predict_ms(table, {}), latency_runtime=table.get("runtime"),
+                            latency_threads=table.get("threads"))
+    out = list(searched)
+    # random baselines match a budget scheme's INT4 share, which a latency budget does not set
+    for m in [m for m in searched if m.origin["kind"] == "budget" and cfg.cost != "latency"]:
+        out += [allocate.random_like(p, m, cfg.topk_low, cfg.topk_high, seed) for seed in cfg.random_seeds]
+    return out
+
+
+def run_search(sensitivity: str | Path, cfg: SearchConfig, out: str | Path) -> list[Path]:
+    """`search_schemes` on a sensitivity run's report (its method folder or the report JSON); writes one manifest
+    per scheme into `out` (a folder of manifests, not a run folder) and returns their paths."""
+    from lowbit.sensitivity.report import SensitivityReport
+
+    out = Path(out)
+    return [m.save(out / f"{m.name}.json") for m in search_schemes(SensitivityReport.load(sensitivity), cfg)]
+
+
+def run_latency_table(float_model: str | Path, quantized: dict[str, str | Path], out: str | Path,
+                      threads: int | None = None, reps: int = 20) -> dict:
+    """Per-layer conv latency at each precision (OpenVINO's CPU profiler) for the latency cost of a search:
+    `quantized` maps a format to a uniform Q/DQ graph of it. Writes the JSON table to `out`."""
+    from lowbit.evaluate.layer_latency import latency_table
+    from lowbit.io import write_json
+
+    for f, path in quantized.items():
+        parse_format(f)
+        if not Path(path).is_file():
+            raise LowbitError(f"{path}: the {f} graph is not a file")
+    table = latency_table(float_model, quantized, threads, reps)
+    write_json(out, table)
+    return table

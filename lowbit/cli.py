@@ -193,20 +193,15 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
-    from lowbit.search import allocate
+    from lowbit.api import SearchConfig, search_schemes
     from lowbit.sensitivity.report import SensitivityReport
 
-    from lowbit.io import read_json
-
-    table = read_json(latency_table) if latency_table else {}
-    p = allocate.Problem(SensitivityReport.load(sensitivity), formats.split(","), not no_fp16, cost, table.get("layers"),
-                         switch_ms=table.get("switch_ms"), edges=table.get("edges"))
-    manifests = [allocate.budget(p, float(b)) for b in (budget.split(",") if budget else [])]
-    manifests += [allocate.top_k(p, int(k), low, high) for k in (topk.split(",") if topk else [])]
-    manifests += allocate.pareto(p, pareto) if pareto else []
-    if not manifests:
-        raise LowbitError("nothing to search: give --budget, --topk or --pareto")
-    t = Table(title=f"schemes from {p.report.method} sensitivity ({len(p.layers)} layers)")
+    report = SensitivityReport.load(sensitivity)
+    manifests = search_schemes(report, SearchConfig(
+        formats=formats.split(","), allow_fp16=not no_fp16, cost=cost, latency_table=str(latency_table) if latency_table else None,
+        budgets=[float(b) for b in budget.split(",")] if budget else [], topk=[int(k) for k in topk.split(",")] if topk else [],
+        topk_low=low, topk_high=high, pareto_points=pareto))
+    t = Table(title=f"schemes from {report.method} sensitivity ({len(report.rows)} layers)")
     for col in ("manifest", "INT4 share", "eff. W bits", "mean A bits", "predicted damage"):
         t.add_column(col)
     for m in manifests:
@@ -391,14 +386,12 @@ def latency_table(float_model: Path = typer.Argument(..., help="the float .onnx"
                   threads: Optional[int] = typer.Option(None, help="inference threads"), reps: int = 20,
                   out: Path = typer.Option(..., "--out", "-o", help="the JSON table to write")):
     """Per-layer conv latency at each precision from OpenVINO's CPU profiler, for `lowbit search --cost latency`."""
-    from lowbit.evaluate.layer_latency import latency_table as build
-    from lowbit.io import write_json
+    from lowbit.api import run_latency_table
 
     pairs = dict(q.split("=", 1) for q in quantized if "=" in q)
     if len(pairs) != len(quantized):
         raise LowbitError("--format takes FORMAT=path.onnx")
-    table = build(float_model, pairs, threads, reps)
-    write_json(out, table)
+    table = run_latency_table(float_model, pairs, out, threads, reps)
     conv = {f: sum(v.get(f, 0.0) for v in table["layers"].values()) for f in ["FP16", *pairs]}
     console.print(f"{len(table['layers'])} convs; wall time per uniform graph: "
                   + ", ".join(f"{f} {ms:.1f} ms" for f, ms in table["wall_ms"].items()) + "; of that in convs: "

@@ -7,6 +7,7 @@ the stages whose inputs changed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from lowbit.api import DataConfig, SensitivityConfig, run_sensitivity
+from lowbit.api import DataConfig, SearchConfig, SensitivityConfig, run_sensitivity, search_problem, search_schemes
 from lowbit.quantize.onnx_ptq import ActivationCalibration
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
@@ -29,17 +30,9 @@ from lowbit.sensitivity.base import fingerprint
 from lowbit.sensitivity.report import SensitivityReport
 
 
-class SearchSpec(BaseModel):
+class SearchSpec(SearchConfig):
     method: str = "gradient"  # which sensitivity report drives the allocation
-    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
-    allow_fp16: bool = True
-    cost: str = "weight_bits"  # or bitops, or latency (then budgets are profiled ms of the latency table)
-    latency_table: str | None = None  # `lowbit latency-table` JSON, for cost: latency
     budgets: list[float] = Field(default_factory=lambda: [5.0, 5.6, 6.0])
-    topk: list[int] = Field(default_factory=list)
-    topk_low: str = "W4A16"
-    topk_high: str = "W8A16"
-    pareto_points: int = 0
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     modelopt_budgets: list[float] = Field(default_factory=list)  # ModelOpt auto_quantize's own choice
 
@@ -196,6 +189,36 @@ class Stage:
         (self.path / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
 
+@dataclasses.dataclass
+class StudyContext:
+    """What every stage of one study shares: its config, model, data, run folder and caches."""
+
+    cfg: StudyConfig
+    det: object  # lowbit.models.ultralytics.Detector
+    run: RunDir
+    calib: object  # Dataset
+    evalset: object  # Dataset
+    progress: bool = True
+    grams: dict = dataclasses.field(default_factory=dict)  # output-aware clipping statistics, shared by every scheme
+    work: dict = dataclasses.field(default_factory=lambda: {"evaluated": 0, "cached": 0})
+    _batches: tuple | None = None
+
+    @property
+    def data_key(self) -> tuple:
+        return (self.cfg.model, self.cfg.imgsz, [str(r.path) for r in self.calib.images],
+                [str(r.path) for r in self.evalset.images])
+
+    def batches(self) -> tuple:
+        """(calibration batches, evaluation batches), loaded on first use."""
+        if self._batches is None:
+            self._batches = (make_batches(self.calib, self.cfg.imgsz, 8, progress=self.progress),
+                             make_batches(self.evalset, self.cfg.imgsz, self.cfg.eval_batch, progress=self.progress))
+        return self._batches
+
+    def stage(self, name: str, *inputs) -> Stage:
+        return Stage(self.run.path, name, *inputs)
+
+
 def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     import shutil
 
@@ -213,20 +236,9 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     tgt = targets.get_target(cfg.target)
     det = load_detector(cfg.model, cfg.imgsz)
     det.net.to(cfg.device)
-    calib = cfg.calib.load()
-    evalset = cfg.eval.load()
-    data_key = (cfg.model, cfg.imgsz, [str(r.path) for r in calib.images], [str(r.path) for r in evalset.images])
-    calib_batches = eval_batches = None
-    work = {"evaluated": 0, "cached": 0}
-    grams: dict = {}  # output-aware clipping statistics, shared by every scheme
+    ctx = StudyContext(cfg, det, run, cfg.calib.load(), cfg.eval.load(), progress)
+    evalset, data_key, work, grams, batches = ctx.evalset, ctx.data_key, ctx.work, ctx.grams, ctx.batches
     groups: dict[str, int] = {layer.name: _groups(det.net.get_submodule(layer.name)) for layer in det.layers()}
-
-    def batches():
-        nonlocal calib_batches, eval_batches
-        if calib_batches is None:
-            calib_batches = make_batches(calib, cfg.imgsz, 8, progress=progress)
-            eval_batches = make_batches(evalset, cfg.imgsz, cfg.eval_batch, progress=progress)
-        return calib_batches, eval_batches
 
     def evaluate_scheme(m: Manifest | None) -> SchemeResult:
         """A scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime (the float
@@ -234,7 +246,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         verdict = targets.check(cfg.target, m, groups) if m is not None else None
         graph = tgt.name != "size" and (verdict is None or verdict.deployable)
         how = (cfg.target, cfg.activation.model_dump()) if graph else "torch"
-        st = Stage(run.path, "eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32", how)
+        st = ctx.stage("eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32", how)
         if st.done:
             work["cached"] += 1
             res = _load_result(st)
@@ -289,7 +301,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         scfg = SensitivityConfig(model=cfg.model, calib=spec.scoring_data(cfg.calib), imgsz=cfg.imgsz, device=cfg.device,
                                  weight_clip=cfg.weight_clip, weight_range=cfg.weight_range, target=cfg.target,
                                  **spec.model_dump(exclude={"images"}))
-        st = Stage(run.path, "sensitivity", scfg.model_dump(mode="json"), data_key)
+        st = ctx.stage("sensitivity", scfg.model_dump(mode="json"), data_key)
         sens_path = st.path
         sens_dir = st.path if "gradient" in scfg.methods else None
         if st.done:
@@ -302,14 +314,14 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
             lambda: make_batches(scfg.calib.load(), cfg.imgsz, 8, progress=False))
         for spec_i in searches:
             reuse = sens_dir if spec_i.formats == scfg.formats else None  # ModelOpt checks the formats match
-            manifests += _search(cfg, spec_i, reports, det, scoring, run.path, data_key, reuse)
+            manifests += search(ctx, spec_i, reports, scoring, reuse)
     manifests += [Manifest.load(s) for s in cfg.schemes]
 
     results = [baseline] + [evaluate_scheme(m) for m in manifests]
     if cfg.finetune is not None:
-        results += _finetune_stage(cfg, det, results, calib, evalset, batches, data_key, grams, run, work, progress)
-    speed = _speed_stage(cfg, results, run, progress) if tgt.speed else None
-    errors = Stage(run.path, "errors", data_key, cfg.error_halves).path / "delta-se.json"
+        results += _finetune_stage(ctx, results)
+    speed = _speed_stage(ctx, results) if tgt.speed else None
+    errors = ctx.stage("errors", data_key, cfg.error_halves).path / "delta-se.json"
     summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors),
                                  speed)
     best = next((r for r in results if r.manifest.name == summary["recommended"]), None)
@@ -321,7 +333,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
             summary["openvino_ir"] = str(save_openvino_ir(run.file("recommended.onnx"),
                                                           run.file("recommended_openvino_model")))
     elif best is not None and tgt.name == "size":
-        summary["onnx"] = _export_recommended(cfg, det, best, batches, evalset, run, progress)
+        summary["onnx"] = _export_recommended(ctx, best)
     summary["work"] = work
     summary["sensitivity"] = {m: str((sens_path / m).relative_to(run.path)) for m in reports} if reports else {}
     run.write_json("summary.json", summary)
@@ -332,38 +344,22 @@ def _groups(mod) -> int:
     return getattr(mod, "groups", 1)
 
 
-def _search(cfg: StudyConfig, s: SearchSpec, reports, det, scoring_batches, root: Path, data_key,
-            sens_dir) -> list[Manifest]:
+def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityReport], scoring_batches=None,
+           sens_dir: Path | None = None) -> list[Manifest]:
+    """The study's schemes from one search spec: lowbit's allocations and, if asked, ModelOpt's own (scored on
+    `scoring_batches()`, reusing the gradient scores in `sens_dir` when it has them)."""
+    cfg = ctx.cfg
     if s.method not in reports:
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
-    table = {}
-    if s.latency_table:
-        if not Path(s.latency_table).is_file():
-            raise LowbitError(f"search.latency_table {s.latency_table}: file not found (make it with `lowbit latency-table`)")
-        table = read_json(s.latency_table)
-    p = allocate.Problem(reports[s.method], s.formats, s.allow_fp16, s.cost, table.get("layers"), weight_clip=cfg.weight_clip,
-                         weight_range=cfg.weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges"))
-    searched = [allocate.budget(p, b) for b in s.budgets]
-    searched += [allocate.top_k(p, k, s.topk_low, s.topk_high) for k in s.topk]
-    searched += allocate.pareto(p, s.pareto_points) if s.pareto_points else []
-    if table:  # what the table expects, for the report to set beside the measured latency
-        from lowbit.evaluate.layer_latency import predict_ms
-
-        for m in searched:
-            m.origin.update(predicted_ms=predict_ms(table, {n: f.name for n, f in m.layers.items()}),
-                            predicted_float_ms=predict_ms(table, {}), latency_runtime=table.get("runtime"),
-                            latency_threads=table.get("threads"))
-    out = list(searched)
-    # random baselines match a budget scheme's INT4 share, which a latency budget does not set
-    for m in [m for m in searched if m.origin["kind"] == "budget" and s.cost != "latency"]:
-        out += [allocate.random_like(p, m, s.topk_low, s.topk_high, seed) for seed in s.random_seeds]
+    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range) if (
+        s.budgets or s.topk or s.pareto_points) else []
     if s.modelopt_budgets:
-        out += _modelopt_manifests(cfg, s, det, p, scoring_batches(), root, data_key, sens_dir)
+        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range)
+        out += _modelopt_manifests(ctx, s, problem, scoring_batches(), sens_dir)
     return out
 
 
-def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_batches, root: Path, data_key,
-                        sens_dir: Path | None) -> list[Manifest]:
+def _modelopt_manifests(ctx: StudyContext, s: SearchSpec, problem, calib_batches, sens_dir: Path | None) -> list[Manifest]:
     """ModelOpt auto_quantize's own allocation at each budget, from one cached scoring pass (the
     sensitivity stage's, when it ran the gradient method on the same formats)."""
     import shutil
@@ -372,16 +368,16 @@ def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_bat
     from lowbit.sensitivity.base import SensitivityContext
     from lowbit.sensitivity.gradient import modelopt_choice
 
-    st = Stage(root, "modelopt-autoquant", data_key, s.formats)
+    st = ctx.stage("modelopt-autoquant", ctx.data_key, s.formats)
     st.path.mkdir(parents=True, exist_ok=True)
     scored = sens_dir / "autoquant-gradient.pth" if sens_dir else None
     if scored and scored.is_file() and not (st.path / "autoquant.pth").is_file():
         shutil.copy(scored, st.path / "autoquant.pth")
-    ctx = SensitivityContext(det, calib_batches, [parse_format(f) for f in s.formats],
-                             det.quantizable_layers(), cfg.device, progress=False)
+    sctx = SensitivityContext(ctx.det, calib_batches, [parse_format(f) for f in s.formats],
+                              ctx.det.quantizable_layers(), ctx.cfg.device, progress=False)
     out = []
     for b in s.modelopt_budgets:
-        assign = modelopt_choice(ctx, b, str(st.path / "autoquant.pth"))
+        assign = modelopt_choice(sctx, b, str(st.path / "autoquant.pth"))
         full = {layer.name: assign.get(layer.name, allocate.FP16) for layer in problem.layers}
         out.append(problem.manifest(f"modelopt-autoquant-{b:g}", full, {"kind": "modelopt", "effective_bits": b}))
     st.finish()
@@ -389,10 +385,11 @@ def _modelopt_manifests(cfg: StudyConfig, s: SearchSpec, det, problem, calib_bat
 
 
 
-def _finetune_stage(cfg: StudyConfig, det, results, calib, evalset, batches, data_key, grams, run, work,
-                    progress) -> list[SchemeResult]:
+def _finetune_stage(ctx: StudyContext, results: list[SchemeResult]) -> list[SchemeResult]:
     """Fine-tune each named scheme from the float model on the calibration images (never the evaluation set)."""
     from lowbit.data.datasets import assert_disjoint
+
+    cfg, det, run, calib, evalset, progress = ctx.cfg, ctx.det, ctx.run, ctx.calib, ctx.evalset, ctx.progress
 
     assert_disjoint(calib, evalset)
     by_name = {r.manifest.name: r for r in results}
@@ -404,15 +401,15 @@ def _finetune_stage(cfg: StudyConfig, det, results, calib, evalset, batches, dat
     out = []
     for name in dict.fromkeys(names):
         src = by_name[name]
-        st = Stage(run.path, "finetune", data_key, src.manifest.model_dump(mode="json", exclude={"name", "origin"}),
+        st = ctx.stage("finetune", ctx.data_key, src.manifest.model_dump(mode="json", exclude={"name", "origin"}),
                    ft.model_dump())
         if st.done:
-            work["cached"] += 1
+            ctx.work["cached"] += 1
             out.append(_load_result(st))
             continue
-        cb, eb = batches()
+        cb, eb = ctx.batches()
         train = make_batches(calib, cfg.imgsz, ft.batch, progress=False)
-        net = apply_manifest(det, src.manifest, cb, grams)
+        net = apply_manifest(det, src.manifest, cb, ctx.grams)
         res = finetune(net, det.net, train, ft, cfg.device, progress)
         m = src.manifest.model_copy(deep=True)
         m.name = f"{name}+ft"
@@ -427,14 +424,14 @@ def _finetune_stage(cfg: StudyConfig, det, results, calib, evalset, batches, dat
                           deploy_note=src.deploy_note + " (fine-tuned weights scored in PyTorch)")
         _save_result(st, sr)
         st.finish()
-        work["evaluated"] += 1
+        ctx.work["evaluated"] += 1
         run.log.info("%s: mAP50-95 %.4f -> %.4f after AdaRound (%.1f s)", name, src.result.map50_95, r.map50_95,
                      res.seconds)
         out.append(sr)
     return out
 
 
-def _speed_stage(cfg: StudyConfig, results: list[SchemeResult], run, progress) -> dict:
+def _speed_stage(ctx: StudyContext, results: list[SchemeResult]) -> dict:
     """Every scored artifact (the float export first) timed together on the target's runtime, interleaved, each
     runtime's detections checked against ONNX Runtime's first; cached by the artifacts and the machine."""
     import hashlib
@@ -442,15 +439,16 @@ def _speed_stage(cfg: StudyConfig, results: list[SchemeResult], run, progress) -
 
     from lowbit.evaluate.bench import bench_models, host_cpu
 
+    cfg, run = ctx.cfg, ctx.run
     timed = [r for r in results if r.artifact]
     if len(timed) < 2:
         return {"rows": {}, "host": host_cpu(), "timed": 0}
     digests = [hashlib.sha256((run.path / r.artifact).read_bytes()).hexdigest()[:16] for r in timed]
-    st = Stage(run.path, "speed", digests, host_cpu(), platform.node(), cfg.speed_threads, cfg.speed_reps)
+    st = ctx.stage("speed", digests, host_cpu(), platform.node(), cfg.speed_threads, cfg.speed_reps)
     if not st.done:
         verify = make_batches(cfg.calib.load().subset(8, 0), cfg.imgsz, 1)
         rows = bench_models([run.path / r.artifact for r in timed], cfg.speed_threads, reps=cfg.speed_reps,
-                            verify=verify, progress=progress)
+                            verify=verify, progress=ctx.progress)
         by_model = {}
         for r, path in zip(timed, [str(run.path / r.artifact) for r in timed]):
             by_model[r.manifest.name] = [b.model_dump(mode="json") for b in rows if b.model == path and b.present]
@@ -461,7 +459,7 @@ def _speed_stage(cfg: StudyConfig, results: list[SchemeResult], run, progress) -
     return out
 
 
-def _export_recommended(cfg: StudyConfig, det, best: SchemeResult, batches, evalset, run, progress) -> dict:
+def _export_recommended(ctx: StudyContext, best: SchemeResult) -> dict:
     """A `size` study's pick as a Q/DQ ONNX (INT4 weights as INT4 initializers): parity with PyTorch and its mAP
     under ONNX Runtime."""
     import torch
@@ -469,7 +467,8 @@ def _export_recommended(cfg: StudyConfig, det, best: SchemeResult, batches, eval
     from lowbit.export.onnx_qdq import export_qdq_onnx
     from lowbit.report.study_report import append_onnx_section
 
-    cb, eb = batches()
+    cfg, det, run = ctx.cfg, ctx.det, ctx.run
+    cb, eb = ctx.batches()
     if best.manifest.origin.get("kind") == "finetune":  # learned weights: from the fine-tune stage's checkpoint
         from lowbit.quantize.apply import load_quantized
 
@@ -478,7 +477,7 @@ def _export_recommended(cfg: StudyConfig, det, best: SchemeResult, batches, eval
         net = apply_manifest(det, best.manifest, cb)
     info = export_qdq_onnx(det.net, net.cpu(), best.manifest, run.file("recommended.onnx"), target="size",
                            parity_images=torch.cat([b.images for b in cb])[:4])
-    ort = evaluate(info.path, evalset, det.names, cfg.imgsz, 1, progress=progress, model_name=best.manifest.name,
+    ort = evaluate(info.path, ctx.evalset, det.names, cfg.imgsz, 1, progress=ctx.progress, model_name=best.manifest.name,
                    batches=eb)
     from lowbit import targets
 

@@ -285,24 +285,24 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     # the study's search takes the same table from its config
     from lowbit.api import DataConfig
     from lowbit.io import write_json
-    from lowbit.study import SearchSpec, StudyConfig, _search
+    from lowbit.study import SearchSpec, StudyConfig, StudyContext, search
 
     write_json(tmp_path / "t.json", table)
     cfg = StudyConfig(model="m", calib=DataConfig(path="c"), eval=DataConfig(path="e"))
     spec = SearchSpec(method="t", formats=["W8A8"], cost="latency", latency_table=str(tmp_path / "t.json"), budgets=[limit])
-    got = _search(cfg, spec, {"t": rep}, tiny, None, tmp_path, None, None)
+    ctx = StudyContext(cfg, tiny, run=None, calib=None, evalset=None)  # a search without ModelOpt's needs no data
+    got = search(ctx, spec, {"t": rep})
     assert [g.layers for g in got] == [chosen.layers]  # and no random baselines, which match INT4 shares
     assert got[0].origin["predicted_ms"] == pytest.approx(predict_ms(table, {n: f.name for n, f in chosen.layers.items()}))
     assert got[0].origin["predicted_float_ms"] == pytest.approx(table["wall_ms"]["FP16"])
 
     # the study report sets the prediction beside the measurement
-    from lowbit.report.study_report import _predicted_vs_measured
+    from lowbit.report.study_report import predicted_vs_measured
 
     rows = [{"scheme": "lat", "predicted_ms": 20.0, "predicted_float_ms": 32.0, "latency_ms": 25.0, "speedup": 1.2}]
-    assert "| lat | 20.0 ms | 25.0 ms | -20.0% | 1.60x | 1.20x | +33.3% |" in _predicted_vs_measured(rows)
+    assert "| lat | 20.0 ms | 25.0 ms | -20.0% | 1.60x | 1.20x | +33.3% |" in predicted_vs_measured(rows)
     with pytest.raises(LowbitError, match="search.latency_table .*missing.json: file not found"):
-        _search(cfg, spec.model_copy(update={"latency_table": str(tmp_path / "missing.json")}), {"t": rep}, tiny, None,
-                tmp_path, None, None)
+        search(ctx, spec.model_copy(update={"latency_table": str(tmp_path / "missing.json")}), {"t": rep})
 
 
 def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches):
@@ -393,3 +393,21 @@ def test_qdq_rules_hold_for_lowbit_exports_and_catch_broken_graphs(tmp_path, tin
     assert len(bad.violations()) == 3
     r = CliRunner().invoke(app, ["check-qdq", str(tmp_path / "broken.onnx")])
     assert r.exit_code == 1 and "ping-pong" in r.output
+
+
+@pytest.mark.parametrize("out_channels, per_tensor", [(1, False), (2, True)])
+def test_one_scale_is_per_channel_only_for_a_conv_of_one_output_channel(tmp_path, out_channels, per_tensor):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.export.qdq_lint import check_qdq
+
+    w = np.ones((out_channels, 2, 3, 3), np.int8)
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], name="conv/weight_DQ"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "c.onnx"))
+    rep = check_qdq(tmp_path / "c.onnx")
+    assert rep.weight_quantized == 1 and rep.weight_dtypes == {"int8": 1}
+    assert bool(rep.weight_per_tensor_int8) == per_tensor

@@ -198,7 +198,7 @@ def test_adaround_learned_steps_land_in_modelopt_quantizers(small, batches, w4):
 def test_fisher_weights_predict_the_head_loss_of_a_perturbed_block_output(small, batches, k):
     """Gaussian noise of variance s^2 on block k's output raises head_loss by s^2/2 times the sum of the
     Fisher weights (its second-order expansion; head_loss is 0 with zero gradient at the teacher)."""
-    from lowbit.finetune.blockwise import _run_from
+    from lowbit.finetune.blockwise import run_from
     from lowbit.finetune.fisher import block_fisher
     from lowbit.models.ultralytics import block_input
 
@@ -208,13 +208,13 @@ def test_fisher_weights_predict_the_head_loss_of_a_perturbed_block_output(small,
         for m in blocks[:k + 1]:
             x = m(block_input(m, x, ys))
             ys.append(x)
-        t = _head(_run_from(blocks, k, x, ys[:k]))
+        t = _head(run_from(blocks, k, x, ys[:k]))
     gen = torch.Generator().manual_seed(0)
-    w = block_fisher(lambda y: _head(_run_from(blocks, k, y, ys[:k])), x, reg_max, 256, gen)
+    w = block_fisher(lambda y: _head(run_from(blocks, k, y, ys[:k])), x, reg_max, 256, gen)
     assert w.shape == x.shape and bool((w >= 0).all())
     sigma = 3e-2 * float(x.std())  # small enough to be quadratic, large enough for float32's cancellation
     with torch.no_grad():
-        rise = [float(head_loss(_head(_run_from(blocks, k, x + sigma * torch.randn(x.shape, generator=gen), ys[:k])),
+        rise = [float(head_loss(_head(run_from(blocks, k, x + sigma * torch.randn(x.shape, generator=gen), ys[:k])),
                                 t, reg_max)) for _ in range(64)]
     predicted = 0.5 * sigma ** 2 * float(w.sum())
     assert sum(rise) / len(rise) == pytest.approx(predicted, rel=0.3)

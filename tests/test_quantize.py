@@ -139,11 +139,11 @@ def test_full_range_scales_reach_the_negative_level_and_clip_no_weight(tiny, tin
 @pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.22.m.0.cv1.2.conv"])  # dense 3x3; depthwise 7x7
 def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batches, name):
     """On the layer's real calibration inputs, GPTQ's output error is well below plain rounding's."""
-    from lowbit.quantize.refine import _fake_quant, _Gram
+    from lowbit.quantize.refine import fake_quant, InputGram
     from lowbit.quantize.gptq import gptq_weight
 
     conv = yolov10n.net.get_submodule(name)
-    gram = _Gram()
+    gram = InputGram()
     hook = conv.register_forward_hook(gram)
     with torch.no_grad():
         yolov10n.net(demo_calib_batches[0].images)
@@ -152,7 +152,7 @@ def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batc
     w = conv.weight.detach()
     wf = w.reshape(w.shape[0], -1)
     amax = wf.abs().amax(1)
-    plain = _fake_quant(wf, amax[:, None], 4)
+    plain = fake_quant(wf, amax[:, None], 4)
     gq = gptq_weight(w, h, amax, 4).reshape(wf.shape)
     gidx = torch.arange(w.shape[0]) // (w.shape[0] // conv.groups)
 
@@ -160,7 +160,7 @@ def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batc
         d = q - wf
         return float(torch.einsum("ci,cij,cj->", d, h[gidx], d))
 
-    assert torch.allclose(_fake_quant(gq, amax[:, None], 4), gq, atol=1e-6)  # on ModelOpt's grid
+    assert torch.allclose(fake_quant(gq, amax[:, None], 4), gq, atol=1e-6)  # on ModelOpt's grid
     assert out_err(gq) < 0.8 * out_err(plain), (out_err(gq), out_err(plain))
 
 

@@ -151,7 +151,7 @@ def _blocks(student, teacher, batches, cfg: AdaRoundConfig, dev, progress) -> tu
         if rounding.twins:
             weights = None
             if cfg.block_loss == "mse+fisher" and k < len(s_blocks) - 1:
-                weights = [block_fisher(lambda y, i=i: head_maps(_run_from(t_blocks, k, y, ys_t[i])), targets[i], rmax,
+                weights = [block_fisher(lambda y, i=i: head_maps(run_from(t_blocks, k, y, ys_t[i])), targets[i], rmax,
                                         cfg.fisher_samples, fisher_gen) for i in range(len(batches))]
             groups = [{"params": rounding.parameters(), "lr": cfg.round_lr}]
             if cfg.learn_steps:
@@ -192,7 +192,7 @@ def _blocks(student, teacher, batches, cfg: AdaRoundConfig, dev, progress) -> tu
     return total, float(sum(first)), float(sum(last))
 
 
-def _run_from(blocks, k: int, y: torch.Tensor, ys_before: list):
+def run_from(blocks, k: int, y: torch.Tensor, ys_before: list):
     """The output of the last of `blocks` when block k's output is `y` (earlier outputs from `ys_before`)."""
     ys = list(ys_before) + [y]
     for m in blocks[k + 1:]:

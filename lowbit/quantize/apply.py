@@ -16,7 +16,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import Format
 from lowbit.models.ultralytics import Detector, list_layers
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightRecipe
 
 
 def _escape(name: str) -> str:
@@ -84,10 +84,10 @@ def verify(net: torch.nn.Module, assign: dict[str, Format]) -> None:
 
 
 def quantize_layers(float_net: torch.nn.Module, assign: dict[str, Format], calib_batches, algorithm: str = "max",
-                    weight_range: str = "full", weight_clip: str = "gptq", gram_cache: dict | None = None) -> torch.nn.Module:
+                    weights: WeightRecipe = WeightRecipe(), gram_cache: dict | None = None) -> torch.nn.Module:
     """The one way lowbit quantizes a network: a fake-quantized copy of `float_net` with each layer of `assign` at
-    its format (ModelOpt), calibrated on `calib_batches`, integer weights re-scaled (full range) and rounded
-    (`weight_clip`), then verified layer by layer. Pass the same `gram_cache` dict to repeated calls on one model
+    its format (ModelOpt), calibrated on `calib_batches`, integer weights set as `weights` says (range, clip,
+    rounding), then verified layer by layer. Pass the same `gram_cache` dict to repeated calls on one model
     and calibration set: weight refinement then collects each layer's input statistics once."""
     import modelopt.torch.quantization as mtq
 
@@ -101,14 +101,14 @@ def quantize_layers(float_net: torch.nn.Module, assign: dict[str, Format], calib
 
     with contextlib.redirect_stdout(io.StringIO()):
         net = mtq.quantize(net, quant_cfg(assign, algorithm), forward_loop=forward_loop)
-    if weight_range == "full":
+    if weights.range == "full":
         from lowbit.quantize.refine import set_full_range
 
         set_full_range(net, float_net, assign)
-    if weight_clip != "max":
+    if weights.refines:
         from lowbit.quantize.refine import refine_weights
 
-        refine_weights(net, float_net, assign, calib_batches, weight_clip, gram_cache)
+        refine_weights(net, float_net, assign, calib_batches, weights, gram_cache)
     verify(net, assign)
     return net.eval()
 
@@ -118,8 +118,8 @@ def apply_manifest(detector: Detector, manifest: Manifest, calib_batches, gram_c
     manifest.validate_against(list_layers(detector.net, detector.imgsz))
     if not calib_batches and any(f.act is not None for f in manifest.layers.values()):
         raise LowbitError("activation quantization needs calibration images (none were given)")
-    return quantize_layers(detector.net, manifest.layers, calib_batches, manifest.algorithm, manifest.weight_range,
-                           manifest.weight_clip, gram_cache)
+    return quantize_layers(detector.net, manifest.layers, calib_batches, manifest.algorithm, manifest.weight_recipe,
+                           gram_cache)
 
 
 def save_quantized(net: torch.nn.Module, manifest: Manifest, out_dir: str | Path) -> Path:

@@ -24,6 +24,28 @@ WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq"]
 WeightRange = Literal["absmax", "full"]
 
 
+class WeightRecipe(BaseModel, frozen=True):
+    """How integer weights are set after ModelOpt's calibration, as three independent choices: where the scale
+    starts (`range`), whether each channel's clip is then chosen by the layer's output error (`clip`), and how
+    values are rounded onto the grid (`rounding`: nearest, GPTQ, or GPTQ layer by layer on the quantized
+    network's own inputs). A manifest stores it as its `weight_range` and `weight_clip` names."""
+
+    range: WeightRange = "full"
+    clip: Literal["max", "output"] = "max"
+    rounding: Literal["nearest", "gptq", "gptq-seq"] = "gptq"
+
+    @classmethod
+    def of(cls, weight_clip: WeightRefine = "gptq", weight_range: WeightRange = "full") -> "WeightRecipe":
+        clip, _, rounding = {"max": ("max", "", "nearest"), "output": ("output", "", "nearest"),
+                             "gptq": ("max", "", "gptq"), "output+gptq": ("output", "", "gptq"),
+                             "gptq-seq": ("max", "", "gptq-seq")}[weight_clip]
+        return cls(range=weight_range, clip=clip, rounding=rounding)
+
+    @property
+    def refines(self) -> bool:
+        return self.clip != "max" or self.rounding != "nearest"
+
+
 class SchemeStats(BaseModel):
     quantizable_params: int
     effective_weight_bits: float
@@ -43,6 +65,10 @@ class Manifest(BaseModel):
     layers: dict[str, Format]
     stats: SchemeStats | None = None
     origin: dict = Field(default_factory=dict)  # the config / search that produced it
+
+    @property
+    def weight_recipe(self) -> WeightRecipe:
+        return WeightRecipe.of(self.weight_clip, self.weight_range)
 
     @classmethod
     def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",

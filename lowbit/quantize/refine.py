@@ -14,12 +14,15 @@ import torch
 
 from lowbit.formats import Format, TensorFormat
 from lowbit.quantize.gptq import patches
+from lowbit.quantize.manifest import WeightRecipe
 
 RATIOS = torch.linspace(0.5, 1.0, 26)
 MAX_COLUMNS_PER_BATCH = 4096  # patches sampled per batch for H: unbiased, and bounded in memory
 
 
-class _Gram:
+class InputGram:
+    """A forward hook summing a conv's input-patch Gram matrix (per group) over the batches it sees: H = h / n."""
+
     def __init__(self):
         self.h: torch.Tensor | None = None
         self.n = 0
@@ -34,7 +37,8 @@ class _Gram:
         self.n += cols.shape[-1]
 
 
-def _fake_quant(w: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric round-to-nearest onto ModelOpt's integer grid for `amax` (the grid its weight quantizer uses)."""
     qmax = 2 ** (bits - 1) - 1
     scale = (amax / qmax).clamp_min(1e-12)
     return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
@@ -70,7 +74,7 @@ def best_ratios(weight: torch.Tensor, h: torch.Tensor, bits: int, per_channel: b
     group_h = h[torch.arange(out_ch, device=h.device) // (out_ch // groups)] if groups > 1 else None  # small K
     errs = []
     for r in RATIOS.to(w.device):
-        d = _fake_quant(w, amax * r, bits) - w
+        d = fake_quant(w, amax * r, bits) - w
         errs.append(((d @ h[0]) * d).sum(1) if group_h is None else torch.einsum("ci,cij,cj->c", d, group_h, d))
     errs = torch.stack(errs)  # [ratios, channels]
     if per_channel:
@@ -92,12 +96,12 @@ def set_full_range(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
 
 
 def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: dict[str, Format], calib_batches,
-                   method: str = "output", gram_cache: dict | None = None) -> dict[str, float]:
+                   recipe: WeightRecipe, gram_cache: dict | None = None) -> dict[str, float]:
     """Refine every integer per-channel / per-tensor weight quantizer of `qnet` from calibration inputs.
 
-    method: "output" re-sets each channel's amax by the layer's output error; "gptq" keeps the
-    calibrated amax and GPTQ-rounds the weights; "output+gptq" does both; "gptq-seq" GPTQ-rounds layer by
-    layer on the quantized network's own inputs (lowbit.quantize.sequential).
+    recipe.clip "output" re-sets each channel's amax by the layer's output error; recipe.rounding "gptq"
+    GPTQ-rounds the weights at the (possibly re-set) amax; "gptq-seq" GPTQ-rounds layer by layer on the
+    quantized network's own inputs (lowbit.quantize.sequential).
 
     `gram_cache` (a dict the caller keeps) holds each layer's input Gram matrix across calls: it
     depends only on the float model and the calibration images, not on the scheme.
@@ -105,13 +109,13 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     targets = {n: f for n, f in assign.items() if per_row_integer(f.weight)}
     if not targets:
         return {}
-    if method == "gptq-seq":
+    if recipe.rounding == "gptq-seq":
         from lowbit.quantize.sequential import refine_sequential
 
         refine_sequential(qnet, float_net, targets, calib_batches)
         return {}
     grams = gram_cache if gram_cache is not None else {}
-    missing = {n: _Gram() for n in targets if n not in grams}
+    missing = {n: InputGram() for n in targets if n not in grams}
     if missing:
         hooks = [float_net.get_submodule(n).register_forward_hook(g) for n, g in missing.items()]
         dev = next(float_net.parameters()).device
@@ -135,14 +139,14 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
             qmod = qnet.get_submodule(name)
             wq = qmod.weight_quantizer
             per_channel = fmt.weight.granularity == "per_channel"
-            if "output" in method:
+            if recipe.clip == "output":
                 base = wq.amax.detach().float().reshape(-1).to(w.device)
                 base = base if per_channel else base[0]
                 ratios = best_ratios(w, h, bits, per_channel, base)
                 amax = base * ratios if per_channel else base * ratios[0]
                 wq.amax = amax.reshape(wq.amax.shape).to(wq.amax.dtype)
                 chosen[name] = float(ratios.mean())
-            if "gptq" in method:
+            if recipe.rounding == "gptq":
                 from lowbit.quantize.gptq import gptq_weight
 
                 qmod.weight.data.copy_(gptq_weight(w, h, wq.amax.reshape(-1).to(w.device), bits).to(qmod.weight.device))

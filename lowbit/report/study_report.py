@@ -217,7 +217,7 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
                   "runtime's default precision; speed-up against the FP32 export on the same runtime, vs f32 against it "
                   "forced to f32. Each runtime's detections were checked against ONNX Runtime's on 8 calibration images "
                   "before timing."]
-    lines += _predicted_vs_measured(rows)
+    lines += predicted_vs_measured(rows)
     lines += ["", "![accuracy vs weight size](pareto.png)", ""]
     if timed:
         lines += ["![accuracy vs measured latency](pareto-latency.png)", ""]
@@ -258,7 +258,7 @@ def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
     atomic_write_text(folder / "study-report.md", text)
 
 
-def _predicted_vs_measured(rows: list[dict]) -> list[str]:
+def predicted_vs_measured(rows: list[dict]) -> list[str]:
     """Schemes chosen against a per-layer latency table (`lowbit latency-table`): the table's prediction beside the
     measurement. Speed-ups are compared too: they hold where the machine's overall speed drifts between building
     the table and timing (docs/results.md, "Speed")."""

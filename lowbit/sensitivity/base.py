@@ -87,12 +87,13 @@ class SingleLayerProbe:
 
     def __init__(self, ctx: SensitivityContext, fmt: Format):
         from lowbit.quantize.apply import quantize_layers
+        from lowbit.quantize.manifest import WeightRecipe
 
         assign = {layer.name: fmt for layer in ctx.layers}
         # probe the format as it will be materialized; the input statistics of weight refinement depend on the float
         # model and images only, so one pass serves every format
-        self.net = quantize_layers(ctx.detector.net.to(ctx.device), assign, ctx.batches, "max",
-                                   ctx.options.get("weight_range", "absmax"), ctx.options.get("weight_clip", "max"),
+        weights = WeightRecipe.of(ctx.options.get("weight_clip", "max"), ctx.options.get("weight_range", "absmax"))
+        self.net = quantize_layers(ctx.detector.net.to(ctx.device), assign, ctx.batches, "max", weights,
                                    ctx.options.setdefault("gram_cache", {}))
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)
                                                     for a in ("weight_quantizer", "input_quantizer"))
