@@ -1,6 +1,7 @@
 """Detector graphs lowbit did not export, of two other families, built here with random weights and exported with
 batch norm folded (weights renamed `onnx::Conv_N`): an anchor-free head with objectness and grid-relative boxes
-(YOLOX's layout, BGR 0-255 input), and torchvision's SSDlite with NMS inside the graph."""
+(YOLOX's layout, BGR 0-255 input), a dense head with separate box and score outputs and NMS left outside (the
+layout of RetinaNet / SSD exports that stop before post-processing), and torchvision's SSDlite with NMS inside."""
 
 import json
 
@@ -171,6 +172,116 @@ def test_torchvision_ssdlite_with_nms_inside(tmp_path, assets):
     r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A16", "--preprocess", "torchvision", "--onnx",
                             str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q")])
     assert r.exit_code == 0 and "convs" in r.output, r.output
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "1",
+                            "--layers", "head.classification_head.*", "--preprocess", "torchvision", "--calib",
+                            assets["calib"], "-o", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
+    # the scored layers keep torchvision's module names
+    assert len(report["rows"]) == 12 and all(row["name"].startswith("head.classification_head.") for row in report["rows"])
+    # random weights: the deeper levels' activations fade towards zero, and so do their scores
+    assert all(row["scores"]["W8A8"] >= 0 for row in report["rows"]) and report["rows"][0]["scores"]["W8A8"] > 0
+    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
+                            "--verify-images", "2", "--preprocess", "torchvision", "--decoder", "nms-inside",
+                            "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+
+
+class _BoxesScores(torch.nn.Module):
+    """Conv+BN+ReLU backbone; per stride 8/16 a box branch (offsets from each cell's centre, in pixels) and a class
+    branch (sigmoid scores): outputs boxes [B, N, 4] as x1 y1 x2 y2 pixels and scores [B, N, 80]."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
+                                       torch.nn.ReLU())
+
+        self.stem = torch.nn.Sequential(block(3, 16, 2), block(16, 32, 2), block(32, 32, 2))
+        self.down = block(32, 48, 2)
+        self.box = torch.nn.ModuleList([torch.nn.Conv2d(c, 4, 3, 1, 1) for c in (32, 48)])
+        self.cls = torch.nn.ModuleList([torch.nn.Conv2d(c, 80, 3, 1, 1) for c in (32, 48)])
+
+    def forward(self, x):
+        f8 = self.stem(x)
+        boxes, scores = [], []
+        for f, stride, box, cls in zip((f8, self.down(f8)), (8, 16), self.box, self.cls):
+            n = f.shape[-1]
+            ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            centre = (torch.stack((xs, ys, xs, ys)).float() + 0.5) * stride  # [4, n, n]
+            sign = torch.tensor([-1.0, -1.0, 1.0, 1.0]).view(1, 4, 1, 1)
+            b = centre + sign * torch.nn.functional.softplus(box(f)) * stride
+            boxes.append(b.flatten(2))
+            scores.append(cls(f).sigmoid().flatten(2))
+        return torch.cat(boxes, 2).permute(0, 2, 1), torch.cat(scores, 2).permute(0, 2, 1)
+
+
+def _reference_boxes_scores(boxes: torch.Tensor, scores: torch.Tensor) -> list[torch.Tensor]:
+    """torchvision's detection post-processing written out per class: candidates over 0.001, NMS at IoU 0.5 within
+    each class, the 100 best over all classes."""
+    from torchvision.ops import nms
+
+    res = []
+    for bx, sc in zip(boxes, scores):
+        kept = []
+        for c in range(sc.shape[1]):
+            m = sc[:, c] > 0.001
+            keep = nms(bx[m], sc[m, c], 0.5)
+            kept.append(torch.cat([bx[m][keep], sc[m, c][keep, None], torch.full((len(keep), 1), float(c))], 1))
+        allk = torch.cat(kept)
+        res.append(allk[allk[:, 4].argsort(descending=True)[:100]])
+    return res
+
+
+def test_boxes_and_scores_graph_decodes_as_torchvision_and_runs_every_verb(tmp_path, assets):
+    from lowbit.evaluate.runners import make_runner
+    from lowbit.models.onnx_detector import ModelCard, decode, detect_decoder
+    from lowbit.quantize.qdq import conv_layers, load_graph
+
+    torch.manual_seed(0)
+    net = _BoxesScores().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "bs.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, SIZE, SIZE), str(path), opset_version=13, dynamo=False,
+                      input_names=["images"], output_names=["boxes", "scores"], do_constant_folding=True,
+                      training=torch.onnx.TrainingMode.EVAL)
+    assert len(conv_layers(load_graph(path))) == 8
+    x = torch.rand(2, 3, SIZE, SIZE)
+    outs = make_runner(path).chunks(x)  # the static batch-1 graph runs image by image
+    assert detect_decoder(list(outs[0]), 80, SIZE, [8, 16, 32]) == "boxes-scores"
+    ours = [p for o in outs for p in decode(o, ModelCard(), 80, SIZE)]
+    with torch.no_grad():
+        ref = _reference_boxes_scores(*net(x))
+    for a, b in zip(ours, ref):
+        assert len(a) == len(b) == 100
+        # the same detections: each of ours has a reference twin of the same class, score and box
+        a, b = a.numpy(), b.numpy()
+        for row in a:
+            twin = b[(b[:, 5] == row[5]) & (np.abs(b[:, 4] - row[4]) < 1e-4)]
+            assert len(twin) and np.abs(twin[:, :4] - row[:4]).max(1).min() < 0.05, row
+
+    common = ["--preprocess", "torchvision", "--calib", assets["calib"]]
+    r = runner.invoke(app, ["eval", "-m", str(path), "-d", assets["val"], "--max-images", "2", "--preprocess",
+                            "torchvision", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
+                            "-o", str(tmp_path / "s"), *common])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
+    assert len(report["rows"]) == 8 and all(row["scores"]["W8A8"] > 0 for row in report["rows"])
+    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A8", "--calib-images", "4", "--onnx",
+                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q"), *common])
+    assert r.exit_code == 0 and "8 convs" in r.output, r.output
+    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
+                            "--verify-images", "2", "--preprocess", "torchvision", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    assert any(x["model"] == str(tmp_path / "q.onnx") and x["runtime"] == "openvino-cpu" and x["median_ms"] > 0
+               for x in rows)
 
 
 def test_an_unknown_head_is_a_clear_error(tmp_path):

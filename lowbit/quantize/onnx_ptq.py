@@ -110,11 +110,16 @@ def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_p
     name = sess.get_inputs()[0].name
     for x in track(images, "calibrating activations", enabled=progress):
         x = x[None].astype(np.float32)
-        outs = dict(zip(inner, sess.run(inner, {name: x}))) if inner else {}
+        outs = dict(zip(inner, sess.run(inner, {name: feed(sess, x)}))) if inner else {}
         for t in tensors:
             v = x if t in inputs else outs[t]
             stats[t].add(v, max(4, samples_per_image // max(v.shape[1], 1)), rng)
     return stats
+
+
+def feed(sess, x: np.ndarray) -> np.ndarray:
+    """One image [1, C, H, W] as the session's input takes it: torchvision's detection exports have no batch axis."""
+    return x[0] if len(sess.get_inputs()[0].shape) == 3 else x
 
 
 def _input_weights(w: np.ndarray, channels: int) -> np.ndarray:

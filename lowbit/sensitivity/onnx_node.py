@@ -20,6 +20,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.quantize.qdq import conv_layers, conv_weights, is_dfl, load_graph
+from lowbit.quantize.onnx_ptq import feed
 from lowbit.sensitivity.base import ScoreStore, SensitivityContext
 
 
@@ -122,7 +123,7 @@ class OnnxProbe:
 
         sess = ort.InferenceSession(model.SerializeToString(), self.opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        return [sess.run(self.heads, {name: x[None]}) for x in self.images]
+        return [sess.run(self.heads, {name: feed(sess, x[None])}) for x in self.images]
 
     def score(self, layer: str, fmt) -> float:
         """Mean over head maps of the normalized MSE against the float graph, with only `layer` quantized."""
