@@ -565,10 +565,12 @@ class SearchConfig(BaseModel):
     topk_high: str = "W8A16"
     pareto_points: int = 0
     random_seeds: list[int] = Field(default_factory=list)
+    # a deploy target (lowbit.targets): per layer, formats it would run in float there are not candidates
+    target: str | None = None
 
 
 def search_problem(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
-                   weight_range: WeightRange | str = "full"):
+                   weight_range: WeightRange | str = "full", groups: dict[str, int] | None = None):
     """(the allocation problem of `report` under `cfg`'s formats and cost, the latency table or {})."""
     from lowbit.io import read_json
     from lowbit.search import allocate
@@ -579,16 +581,17 @@ def search_problem(report, cfg: SearchConfig, weight_clip: WeightRefine | str = 
             raise LowbitError(f"search.latency_table {cfg.latency_table}: file not found (make it with `lowbit latency-table`)")
         table = read_json(cfg.latency_table)
     return allocate.Problem(report, cfg.formats, cfg.allow_fp16, cfg.cost, table.get("layers"), weight_clip=weight_clip,
-                            weight_range=weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges")), table
+                            weight_range=weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges"),
+                            target=cfg.target, groups=groups), table
 
 
 def search_schemes(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
-                   weight_range: WeightRange | str = "full") -> list[Manifest]:
+                   weight_range: WeightRange | str = "full", groups: dict[str, int] | None = None) -> list[Manifest]:
     """Manifests from a SensitivityReport as `cfg` asks, each with its predicted damage (and, with a latency
     table, its predicted latency) in `origin`."""
     from lowbit.search import allocate
 
-    p, table = search_problem(report, cfg, weight_clip, weight_range)
+    p, table = search_problem(report, cfg, weight_clip, weight_range, groups)
     searched = [allocate.budget(p, b) for b in cfg.budgets]
     searched += [allocate.top_k(p, k, cfg.topk_low, cfg.topk_high) for k in cfg.topk]
     searched += allocate.pareto(p, cfg.pareto_points) if cfg.pareto_points else []

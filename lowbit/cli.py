@@ -191,6 +191,8 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            cost: str = typer.Option("weight_bits", help="weight_bits, bitops, or latency (needs --latency-table)"),
            latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then milliseconds of conv time and precision switches"),
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
+           target: Optional[str] = typer.Option(None, help="deploy target (openvino-cpu, tensorrt, onnxruntime-cpu): "
+                                                "per layer, formats it would run in float are not candidates"),
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
     from lowbit.api import SearchConfig, search_schemes
@@ -200,7 +202,7 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
     manifests = search_schemes(report, SearchConfig(
         formats=formats.split(","), allow_fp16=not no_fp16, cost=cost, latency_table=str(latency_table) if latency_table else None,
         budgets=[float(b) for b in budget.split(",")] if budget else [], topk=[int(k) for k in topk.split(",")] if topk else [],
-        topk_low=low, topk_high=high, pareto_points=pareto))
+        topk_low=low, topk_high=high, pareto_points=pareto, target=target))
     t = Table(title=f"schemes from {report.method} sensitivity ({len(report.rows)} layers)")
     for col in ("manifest", "INT4 share", "eff. W bits", "mean A bits", "predicted damage"):
         t.add_column(col)

@@ -351,10 +351,13 @@ def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityRepor
     cfg = ctx.cfg
     if s.method not in reports:
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
-    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range) if (
+    if s.target is None and cfg.target != "size":
+        s = s.model_copy(update={"target": cfg.target})
+    groups = {layer.name: _groups(ctx.det.net.get_submodule(layer.name)) for layer in ctx.det.layers()}
+    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range, groups) if (
         s.budgets or s.topk or s.pareto_points) else []
     if s.modelopt_budgets:
-        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range)
+        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range, groups)
         out += _modelopt_manifests(ctx, s, problem, scoring_batches(), sens_dir)
     return out
 

@@ -74,3 +74,29 @@ def test_manifest_round_trip(tmp_path, problem):
     back = Manifest.load(tmp_path / "m.json")
     name, fmt = next(iter(back.layers.items()))
     assert back == m and fmt == PRESETS[fmt.name] and name in m.layers
+
+
+def test_a_target_search_never_picks_a_format_the_target_runs_in_float_there(yolov10n):
+    """YOLOv10n's depthwise convs: TensorRT has no FP8 kernel for them, so a tensorrt search gives them INT8 or
+    FP16; without a target (or for openvino-cpu, where FP8 runs nowhere and stays a candidate) they may take FP8."""
+    from lowbit import targets
+
+    layers = yolov10n.quantizable_layers()
+    depthwise = {x.name for x in layers if x.weight_shape[1] == 1}
+    assert len(depthwise) >= 5
+    table = {x.name: {"W8A8-FP8:pc": 0.001, "W8A8": 0.01} for x in layers}  # FP8 looks best everywhere
+    rep = build_report("yolov10n.pt", "synthetic", ["W8A8-FP8:pc", "W8A8"], layers, table, 4, 640, "cpu", 0.0)
+    groups = {x.name: (2 if x.name in depthwise else 1) for x in layers}
+    free_p = allocate.Problem(rep, ["W8A8-FP8:pc", "W8A8"], cost="bitops")
+    free = allocate.budget(free_p, free_p.bounds()[0] + 1e-9)  # every layer quantized
+    assert any(free.layers[n].name == "W8A8-FP8:pc" for n in depthwise if n in free.layers)
+    assert not targets.check("tensorrt", free, groups).deployable
+    for g in (groups, None):  # None: depthwise read off the weight shape
+        p = allocate.Problem(rep, ["W8A8-FP8:pc", "W8A8"], cost="bitops", target="tensorrt", groups=g)
+        m = allocate.budget(p, p.bounds()[0] + 1e-9)
+        assert len(m.layers) == len(layers) and all(m.layers[n].name == "W8A8" for n in depthwise)
+        assert targets.check("tensorrt", m, groups).deployable
+        k = allocate.top_k(p, 2, "W8A8-FP8:pc", "FP16")
+        assert all(k.layers[n].name != "W8A8-FP8:pc" for n in depthwise if n in k.layers)
+    with pytest.raises(LowbitError, match="unknown target 'trt'"):
+        allocate.Problem(rep, ["W8A8"], target="trt")

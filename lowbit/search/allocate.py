@@ -28,9 +28,12 @@ class Problem:
     def __init__(self, report: SensitivityReport, formats: list[str], allow_fp16: bool = True,
                  cost: str = "weight_bits", latency_table: dict[str, dict[str, float]] | None = None,
                  weight_clip: str = "gptq", weight_range: str = "full", switch_ms: dict[str, float] | None = None,
-                 edges: list[tuple[str, str]] | None = None):
+                 edges: list[tuple[str, str]] | None = None, target: str | None = None,
+                 groups: dict[str, int] | None = None):
         """`switch_ms` and `edges` (from `lowbit latency-table`): with the latency cost, each edge between two
-        convs of which exactly one runs in format F also costs switch_ms[F]."""
+        convs of which exactly one runs in format F also costs switch_ms[F]. `target` (lowbit.targets) with
+        `groups` (layer -> conv groups; default: depthwise read off the weight shape) drops, per layer, formats
+        the target would run in float there."""
         self.report = report
         self.weight_clip, self.weight_range = weight_clip, weight_range
         self.formats = [parse_format(f) for f in formats]
@@ -46,10 +49,32 @@ class Problem:
         self.switch_ms = {f: ms for f, ms in (switch_ms or {}).items() if ms > 0} if cost == "latency" else {}
         self.edges = [tuple(e) for e in edges or []]
         self.layers: list[LayerInfo] = [LayerInfo(**r.model_dump(include=set(LayerInfo.model_fields))) for r in report.rows]
-        self.options = {layer.name: ([FP16] if allow_fp16 else []) + self.formats for layer in self.layers}
+        if target is not None:
+            from lowbit.targets import get_target
+
+            get_target(target)
+        self.options = {layer.name: ([FP16] if allow_fp16 else []) + self._runnable(layer, target, groups)
+                        for layer in self.layers}
+        stuck = [n for n, opts in self.options.items() if not opts]
+        if stuck:
+            raise LowbitError(f"layer {stuck[0]}: {target} runs none of {[f.name for f in self.formats]} on it in low "
+                              "precision, and FP16 is not allowed")
         self.total_params = sum(layer.params for layer in self.layers) or 1
         self.total_bitops = sum(layer.macs * 16 * 16 for layer in self.layers) or 1
         self._scores = {r.name: r.scores for r in report.rows}
+
+    def _runnable(self, layer: LayerInfo, target: str | None, groups: dict[str, int] | None) -> list[Format]:
+        """The candidate formats, less those `target` runs in low precision on ordinary convs but not on this one
+        (FP8 on a depthwise conv for TensorRT): a deploy target's search never picks a format the runtime would
+        quietly run in float. Formats the target runs nowhere stay (a storage result, marked as such)."""
+        if target is None:
+            return list(self.formats)
+        from lowbit.targets import layer_verdict
+
+        g = (groups or {}).get(layer.name)
+        if g is None:  # a depthwise conv reads one input channel per output channel
+            g = 2 if len(layer.weight_shape) == 4 and layer.weight_shape[1] == 1 and layer.weight_shape[0] > 1 else 1
+        return [f for f in self.formats if layer_verdict(target, f, g)[0] or not layer_verdict(target, f, 1)[0]]
 
     def damage(self, layer: str, fmt: Format) -> float:
         if fmt.is_float:
@@ -99,7 +124,9 @@ def top_k(p: Problem, k: int, low: str, high: str) -> Manifest:
         raise LowbitError(f"top-K needs 0 <= K <= {len(p.layers)}, got {k}")
     order = sorted(p.layers, key=lambda layer: -p.damage(layer.name, lo))
     keep = {layer.name for layer in order[:k]}
-    assign = {layer.name: hi if layer.name in keep else lo for layer in p.layers}
+    # a layer whose candidates lack `low` (the target would run it in float there) takes `high`
+    assign = {layer.name: hi if layer.name in keep or lo.name not in {f.name for f in p.options[layer.name]} else lo
+              for layer in p.layers}
     return p.manifest(f"top{k}-{high}-rest-{low}", assign, {"kind": "topk", "k": k, "low": low, "high": high})
 
 
