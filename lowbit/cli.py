@@ -228,15 +228,16 @@ def study(config: Path = typer.Option(..., "--config", "-c", help="study yaml (s
 def study_table(summary: dict, title: str, caption: str | None = None) -> Table:
     t = Table(title=title, caption=caption)
     longest = max(len(r["scheme"]) for r in summary["rows"])
-    for col in ("scheme", "kind", "deployable", "mAP50-95", "Δ points", "SE", "latency ms", "speed-up", "vs f32",
-                "INT4", "weights MB"):
-        t.add_column(col, justify="left" if col in ("scheme", "kind", "deployable") else "right",
+    # short headers: the table has to fit a terminal beside the scheme names
+    for col in ("scheme", "kind", "deploys", "mAP50-95", "Δ pt", "SE", "ms", "speed-up", "vs f32", "INT4", "MB"):
+        t.add_column(col, justify="left" if col in ("scheme", "kind", "deploys") else "right",
                      **({"no_wrap": True, "min_width": longest} if col == "scheme" else {}))
     for r in summary["rows"]:
         se = f"{r['delta_se_points']:.2f}" if r["delta_se_points"] is not None else ""
         lat = "fails" if r.get("speed_failed") else (f"{r['latency_ms']:.1f}" if r.get("latency_ms") else "-")
         t.add_row(("[bold]" if r["scheme"] == summary["recommended"] else "") + r["scheme"], r["kind"],
-                  "yes" if r["deployable"] else "no", f"{r['map50_95']:.4f}", f"{-r['drop_points']:+.2f}", se, lat,
+                  "yes" if r["deployable"] else "no", f"{r['map50_95']:.4f}",
+                  "" if r["kind"] == "fp32" else f"{-r['drop_points']:+.2f}", se, lat,
                   f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                   f"{r['speedup_vs_f32']:.2f}x" if r.get("speedup_vs_f32") else "-", f"{r['int4_share']:.0%}",
                   f"{r['weight_mb']:.2f}")
@@ -431,7 +432,7 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folde
     console.print(study_table(summary, f"schemes on {summary['target']}",
                               caption="mAP50-95 on 32 images is noisy: SE is each Δ's standard error over the choice of "
                                       "images, so differences within about 2 SE are not resolved here. Decide with "
-                                      "configs/study-yolov10n.yaml (coco-val800)."))
+                                      "configs/study-yolov10n-openvino.yaml (coco-val800)."))
     host = (summary.get("speed") or {}).get("host", {})
     console.print(f"latency: batch 1, interleaved medians on {host.get('cpu', 'this CPU')} "
                   f"({', '.join(host.get('isa', []))}), OpenVINO's default precision; speed-up vs the FP32 export there, "
