@@ -197,7 +197,7 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
         se = "" if r["delta_se_points"] is None else f"{r['delta_se_points']:.2f}"
         lat = "fails parity" if r.get("speed_failed") else _ms(r.get("latency_ms"))
         lines.append(f"| {r['scheme']} | {r['kind']} | {'yes' if r['deployable'] else 'no'} | {r['map50_95']:.4f} | "
-                     f"{-r['drop_points']:+.2f} | {se} | {r['runtime']} | {lat} | {_times(r.get('speedup'))} | "
+                     f"{'' if r['kind'] == 'fp32' else format(-r['drop_points'], '+.2f')} | {se} | {r['runtime']} | {lat} | {_times(r.get('speedup'))} | "
                      f"{_times(r.get('speedup_vs_f32'))} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | "
                      f"{r['weight_mb']:.2f} |")
     notes = sorted({r["deploy_note"] for r in rows if not r["deployable"]})
