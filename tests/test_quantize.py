@@ -204,3 +204,41 @@ def test_sequential_gptq_rounds_each_layer_on_the_quantized_networks_own_inputs(
     assert torch.allclose(mod.weight_quantizer(mod.weight), mod.weight, atol=1e-6)  # on ModelOpt's grid
     assert torch.allclose(gptq_weight(w, gram(net), amax, 4), mod.weight, atol=1e-6)
     assert not torch.allclose(gptq_weight(w, gram(det.net), amax, 4), mod.weight, atol=1e-6)
+
+
+def test_gptq_on_fp8_weights_stays_on_modelopts_grid_and_beats_rounding(yolov10n, demo_calib_batches):
+    """FP8 E4M3 per-channel weights: GPTQ's weights are ones ModelOpt's FP8 fake quantization leaves in place, and
+    the layer's output error on its calibration inputs is below plain FP8 rounding's."""
+    from lowbit.formats import parse_format
+    from lowbit.quantize.apply import quantize_layers
+    from lowbit.quantize.gptq import FP8_MAX, gptq_weight
+    from lowbit.quantize.manifest import WeightRecipe
+    from lowbit.quantize.refine import InputGram
+
+    name = "model.8.m.0.cv2.conv"
+    conv = yolov10n.net.get_submodule(name)
+    gram = InputGram()
+    hook = conv.register_forward_hook(gram)
+    with torch.no_grad():
+        yolov10n.net(demo_calib_batches[0].images)
+    hook.remove()
+    h = gram.h / gram.n
+    w = conv.weight.detach()
+    wf = w.reshape(w.shape[0], -1)
+    amax = wf.abs().amax(1)
+    scale = (amax / FP8_MAX)[:, None]
+    plain = (wf / scale).to(torch.float8_e4m3fn).float() * scale
+    gq = gptq_weight(w, h, amax, 8, "fp8").reshape(wf.shape)
+
+    def out_err(q):
+        d = (q - wf).double()
+        return float(torch.einsum("ci,ij,cj->", d, h[0].double(), d))
+
+    assert out_err(gq) < 0.7 * out_err(plain), (out_err(gq), out_err(plain))
+    # the whole path: quantize_layers with GPTQ rounding leaves FP8 weights where ModelOpt's quantizer puts them
+    fmt = parse_format("W8A8-FP8:pc")
+    net = quantize_layers(yolov10n.net, {name: fmt}, demo_calib_batches[:1], "max", WeightRecipe(rounding="gptq"))
+    q = net.get_submodule(name)
+    with torch.no_grad():
+        assert torch.allclose(q.weight_quantizer(q.weight), q.weight, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(q.weight, conv.weight)

@@ -50,6 +50,11 @@ def per_row_integer(tf: TensorFormat | None) -> bool:
     return tf is not None and tf.dtype in ("int4", "int8") and tf.granularity != "block"
 
 
+def gptq_roundable(tf: TensorFormat | None) -> bool:
+    """Weights GPTQ rounds: integer or FP8, one scale per channel or per tensor."""
+    return per_row_integer(tf) or (tf is not None and tf.dtype == "fp8" and tf.granularity != "block")
+
+
 def full_range_amax(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
     """The amax (per output channel, or one for the tensor) whose grid scale = amax / (2^(b-1)-1) is the
     finest that still holds every weight: the negative extreme may land on -2^(b-1).
@@ -106,7 +111,9 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
     `gram_cache` (a dict the caller keeps) holds each layer's input Gram matrix across calls: it
     depends only on the float model and the calibration images, not on the scheme.
     Returns each layer's mean chosen ratio (1.0 = max calibration kept)."""
-    targets = {n: f for n, f in assign.items() if per_row_integer(f.weight)}
+    # FP8 weights take GPTQ rounding only: clipping and sequential GPTQ search integer grids
+    roundable = gptq_roundable if recipe.rounding == "gptq" else per_row_integer
+    targets = {n: f for n, f in assign.items() if roundable(f.weight)}
     if not targets:
         return {}
     if recipe.rounding == "gptq-seq":
@@ -139,7 +146,7 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
             qmod = qnet.get_submodule(name)
             wq = qmod.weight_quantizer
             per_channel = fmt.weight.granularity == "per_channel"
-            if recipe.clip == "output":
+            if recipe.clip == "output" and per_row_integer(fmt.weight):
                 base = wq.amax.detach().float().reshape(-1).to(w.device)
                 base = base if per_channel else base[0]
                 ratios = best_ratios(w, h, bits, per_channel, base)
@@ -149,5 +156,6 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
             if recipe.rounding == "gptq":
                 from lowbit.quantize.gptq import gptq_weight
 
-                qmod.weight.data.copy_(gptq_weight(w, h, wq.amax.reshape(-1).to(w.device), bits).to(qmod.weight.device))
+                qmod.weight.data.copy_(gptq_weight(w, h, wq.amax.reshape(-1).to(w.device), bits,
+                                                   fmt.weight.dtype).to(qmod.weight.device))
     return chosen
