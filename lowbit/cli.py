@@ -136,7 +136,7 @@ def quantize(model: str = MODEL,
              calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, section 7)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
-             clip: str = typer.Option("gptq", help="integer weight rounding: gptq, gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone)"),
+             clip: str = typer.Option("gptq", help="weight rounding: gptq (integer and FP8 weights), gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone); all but gptq act on integer weights only"),
              weight_range: str = RANGE, device: str = "cpu", out: Optional[Path] = OUT):
     """PTQ through ModelOpt, uniform per format or mixed per manifest: save a checkpoint each, evaluate each beside FP32."""
     from lowbit.api import QuantizeConfig, run_quantize

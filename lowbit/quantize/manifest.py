@@ -13,9 +13,10 @@ from lowbit.formats import Format, parse_format
 from lowbit.io import read_json, write_json
 from lowbit.models.ultralytics import LayerInfo
 
-# How integer weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel
-# clip chosen by the layer output error; "gptq" = GPTQ rounding; "output+gptq" = both; "gptq-seq" = GPTQ
-# layer by layer on the quantized network's own inputs (lowbit.quantize.sequential).
+# How weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel clip chosen
+# by the layer output error; "gptq" = GPTQ rounding (integer and FP8 grids); "output+gptq" = both; "gptq-seq" =
+# GPTQ layer by layer on the quantized network's own inputs (lowbit.quantize.sequential). Clipping and gptq-seq
+# act on integer weights only.
 WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq"]
 # Where an integer weight scale comes from: "absmax" = ModelOpt's max calibration (the largest |w| maps to
 # 2^(b-1)-1, so the level -2^(b-1) goes unused); "full" = the finer of max(w)/(2^(b-1)-1) and
