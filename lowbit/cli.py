@@ -133,7 +133,7 @@ def quantize(model: str = MODEL,
              manifest: Optional[list[Path]] = typer.Option(None, help="a manifest to materialize layer by layer (from "
                                                            "`lowbit search`, a study, or hand-written); repeat for more"),
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
-             calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, section 7)"),
+             calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, fine-tuning)"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
              clip: str = typer.Option("gptq", help="weight rounding: gptq (integer and FP8 weights), gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone); all but gptq act on integer weights only"),

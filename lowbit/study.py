@@ -46,7 +46,7 @@ class SensitivitySpec(BaseModel):
     layers: list[str] | None = None
     # how many of the calibration images score the layers (the study's deterministic subset; default: all).
     # Apart because the two want different amounts: scoring costs a backward pass per image and format, while
-    # GPTQ and fine-tuning gain from every calibration image there is (docs/results.md, section 7)
+    # GPTQ and fine-tuning gain from every calibration image there is (docs/results.md, fine-tuning)
     images: int | None = Field(None, ge=1)
 
     def scoring_data(self, calib: DataConfig) -> DataConfig:

@@ -8,8 +8,7 @@ and Wu 1989), so the error of a difference leaves out what the images share (har
 
 Halves, not the bootstrap: a bootstrap draws images with replacement, and an image drawn twice doubles its
 true positives of a rare category while false positives from many images average out, which inflates rare
-categories' AP (measured on coco-val200 with the bootstrap of commit a7d6a1d: mean mAP 0.430 over 300 draws
-for FP32, whose mAP is 0.418). A half leaves every image's detections as they are: its score is exactly
+categories' AP (on coco-val200 the bootstrap's mean mAP sat well above the full set's own). A half leaves every image's detections as they are: its score is exactly
 pycocotools' on that subset.
 
 COCO's own matching runs once per model (`COCOeval.evaluate`); each half then redoes only what

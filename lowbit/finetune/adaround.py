@@ -49,8 +49,8 @@ class AdaRoundWeight(torch.nn.Module):
         # h(V) = the float weight's place between floor and floor + 1, but on the side of `start`'s choice,
         # so the hard start is exactly `start` (half to even for the float weight: this model's weights lie
         # on an INT8 grid, so exact halves are common). A start that is not round-to-nearest (GPTQ's) keeps
-        # a margin from 0.5: measured on the H100, without it the regularizer's first push flipped GPTQ's
-        # choices at random and the model collapsed.
+        # a margin from 0.5: without it the regularizer's first push flips GPTQ's choices at random and the
+        # model collapses.
         m = 1e-4 if start is None else 0.25
         rest = x - self.floor
         rest = torch.where(n > self.floor, rest.clamp(0.5 + m, 1 - 1e-4), rest.clamp(1e-4, 0.5 - m))

@@ -3,10 +3,9 @@ rounded before it produce ("gptq-seq").
 
 Why: `refine_weights` takes every layer's input statistics from the float network, so no layer sees the
 error its quantized predecessors make; GPTQ as published rounds each layer on the quantized network's own
-inputs. Measured on YOLOv10n (docs/results.md, section 7): uniform W4A16 +0.48 points on coco-val200 after
-PTQ and +0.63 after AdaRound over calibration draws (not seen on coco-calib-train after PTQ); the 60%-INT4
-scheme unchanged. So it is an option, not the default. Aiming at the float network's output
-instead (GPTAQ's asymmetric target, or a bias correction) lost on both and was removed after e015af2.
+inputs. On YOLOv10n it helps uniform INT4 and leaves mixed schemes unchanged (docs/results.md, fine-tuning
+INT4 schemes), so it is an option, not the default. Aiming at the float network's output instead (GPTAQ's
+asymmetric target, or a bias correction) lost on both and was removed (docs/notebook/).
 """
 
 from __future__ import annotations
