@@ -18,19 +18,27 @@ runner = CliRunner()
 SIZE = 128
 
 
+def _block(cin: int, cout: int, stride: int, act=torch.nn.SiLU) -> torch.nn.Sequential:
+    """conv + batch norm + activation: the batch norm is what an export folds into an unnamed weight."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout), act())
+
+
+def _random_bn_statistics(net: torch.nn.Module) -> None:
+    """BN statistics away from identity, so folding them changes the weights."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
 class _AnchorFree(torch.nn.Module):
     """Backbone of strided conv+BN+SiLU blocks; per stride 8/16/32 a head of [4 box offsets, objectness, 80 classes]
     with sigmoids on the scores, flattened to [B, anchors, 85] as YOLOX exports it (decoding left outside)."""
 
     def __init__(self):
         super().__init__()
-
-        def block(cin, cout, stride):
-            return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
-                                       torch.nn.SiLU())
-
-        self.stem = torch.nn.Sequential(block(3, 16, 2), block(16, 24, 2), block(24, 32, 2))
-        self.down = torch.nn.ModuleList([block(32, 32, 1), block(32, 48, 2), block(48, 64, 2)])
+        self.stem = torch.nn.Sequential(_block(3, 16, 2), _block(16, 24, 2), _block(24, 32, 2))
+        self.down = torch.nn.ModuleList([_block(32, 32, 1), _block(32, 48, 2), _block(48, 64, 2)])
         self.heads = torch.nn.ModuleList([torch.nn.Conv2d(c, 85, 1) for c in (32, 48, 64)])
 
     def forward(self, x):
@@ -48,10 +56,7 @@ class _AnchorFree(torch.nn.Module):
 def anchor_free(tmp_path_factory):
     torch.manual_seed(0)
     net = _AnchorFree().eval()
-    for m in net.modules():  # BN statistics away from identity, so folding them changes the weights
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _random_bn_statistics(net)
     with torch.no_grad():
         for h in net.heads:  # confident enough that detections survive the 0.01 threshold
             h.bias[4:] = 2.0
@@ -60,6 +65,25 @@ def anchor_free(tmp_path_factory):
                       input_names=["images"], output_names=["output"], do_constant_folding=True,
                       training=torch.onnx.TrainingMode.EVAL)
     return net, path
+
+
+def _every_onnx_verb(path, tmp_path, preprocess: str, convs: int, assets) -> None:
+    """sensitivity --method onnx, quantize-onnx W8A8 and bench on a graph, each fed as `preprocess` says."""
+    common = ["--preprocess", preprocess, "--calib", assets["calib"]]
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
+                            "-o", str(tmp_path / "s"), *common])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
+    assert len(report["rows"]) == convs and all(row["scores"]["W8A8"] > 0 for row in report["rows"])
+    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A8", "--calib-images", "4", "--onnx",
+                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q"), *common])
+    assert r.exit_code == 0 and f"{convs} convs" in r.output, r.output
+    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
+                            "--verify-images", "2", "--preprocess", preprocess, "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    ov = [x for x in rows if x["model"] == str(tmp_path / "q.onnx") and x["runtime"] == "openvino-cpu"]
+    assert ov and ov[0]["median_ms"] > 0 and ov[0]["parity"]["relative_error"] is not None
 
 
 def _reference_yolox(out: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -116,27 +140,13 @@ def test_anchor_free_graph_decodes_as_its_framework_and_runs_every_verb(tmp_path
     with pytest.raises(LowbitError, match="unknown preprocessing 'yolo'"):
         load_card(path, preprocess="yolo")
 
-    common = ["--preprocess", "yolox", "--calib", assets["calib"]]
     r = runner.invoke(app, ["eval", "-m", str(path), "-d", assets["val"], "--max-images", "4", "--preprocess", "yolox",
                             "-o", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e" / "results.json").read_text())["imgsz"] == SIZE  # the graph's own size
     r = runner.invoke(app, ["layers", "-m", str(path)])
     assert r.exit_code == 0 and "9 quantizable" in r.output, r.output
-    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
-                            "-o", str(tmp_path / "s"), *common])
-    assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
-    assert len(report["rows"]) == 9 and all("W8A8" in row["scores"] for row in report["rows"])
-    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A8", "--calib-images", "4", "--onnx",
-                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "qrun"), *common])
-    assert r.exit_code == 0 and "9 convs" in r.output, r.output
-    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
-                            "--verify-images", "2", "--preprocess", "yolox", "-o", str(tmp_path / "b")])
-    assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
-    ov = [x for x in rows if x["model"] == str(tmp_path / "q.onnx") and x["runtime"] == "openvino-cpu"]
-    assert ov and ov[0]["median_ms"] > 0 and ov[0]["parity"]["relative_error"] is not None
+    _every_onnx_verb(path, tmp_path, "yolox", 9, assets)
 
 
 def test_torchvision_ssdlite_with_nms_inside(tmp_path, assets):
@@ -193,13 +203,9 @@ class _BoxesScores(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-
-        def block(cin, cout, stride):
-            return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
-                                       torch.nn.ReLU())
-
-        self.stem = torch.nn.Sequential(block(3, 16, 2), block(16, 32, 2), block(32, 32, 2))
-        self.down = block(32, 48, 2)
+        relu = torch.nn.ReLU
+        self.stem = torch.nn.Sequential(_block(3, 16, 2, relu), _block(16, 32, 2, relu), _block(32, 32, 2, relu))
+        self.down = _block(32, 48, 2, relu)
         self.box = torch.nn.ModuleList([torch.nn.Conv2d(c, 4, 3, 1, 1) for c in (32, 48)])
         self.cls = torch.nn.ModuleList([torch.nn.Conv2d(c, 80, 3, 1, 1) for c in (32, 48)])
 
@@ -241,10 +247,7 @@ def test_boxes_and_scores_graph_decodes_as_torchvision_and_runs_every_verb(tmp_p
 
     torch.manual_seed(0)
     net = _BoxesScores().eval()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _random_bn_statistics(net)
     path = tmp_path / "bs.onnx"
     torch.onnx.export(net, torch.zeros(1, 3, SIZE, SIZE), str(path), opset_version=13, dynamo=False,
                       input_names=["images"], output_names=["boxes", "scores"], do_constant_folding=True,
@@ -264,24 +267,10 @@ def test_boxes_and_scores_graph_decodes_as_torchvision_and_runs_every_verb(tmp_p
             twin = b[(b[:, 5] == row[5]) & (np.abs(b[:, 4] - row[4]) < 1e-4)]
             assert len(twin) and np.abs(twin[:, :4] - row[:4]).max(1).min() < 0.05, row
 
-    common = ["--preprocess", "torchvision", "--calib", assets["calib"]]
     r = runner.invoke(app, ["eval", "-m", str(path), "-d", assets["val"], "--max-images", "2", "--preprocess",
                             "torchvision", "-o", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
-                            "-o", str(tmp_path / "s"), *common])
-    assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
-    assert len(report["rows"]) == 8 and all(row["scores"]["W8A8"] > 0 for row in report["rows"])
-    r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A8", "--calib-images", "4", "--onnx",
-                            str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q"), *common])
-    assert r.exit_code == 0 and "8 convs" in r.output, r.output
-    r = runner.invoke(app, ["bench", str(path), str(tmp_path / "q.onnx"), "--reps", "2", "--threads", "1",
-                            "--verify-images", "2", "--preprocess", "torchvision", "-o", str(tmp_path / "b")])
-    assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
-    assert any(x["model"] == str(tmp_path / "q.onnx") and x["runtime"] == "openvino-cpu" and x["median_ms"] > 0
-               for x in rows)
+    _every_onnx_verb(path, tmp_path, "torchvision", 8, assets)
 
 
 def test_an_unknown_head_is_a_clear_error(tmp_path):

@@ -136,19 +136,26 @@ def test_full_range_scales_reach_the_negative_level_and_clip_no_weight(tiny, tin
     assert finer > 0 and (dominated > 0 or not per_channel), (finer, dominated)
 
 
+def _input_gram(net: torch.nn.Module, name: str, images: torch.Tensor) -> torch.Tensor:
+    """Layer `name`'s input-patch Gram matrix per group on `images`, averaged over patches."""
+    from lowbit.quantize.refine import InputGram
+
+    gram = InputGram()
+    hook = net.get_submodule(name).register_forward_hook(gram)
+    with torch.no_grad():
+        net(images)
+    hook.remove()
+    return gram.h / gram.n
+
+
 @pytest.mark.parametrize("name", ["model.8.m.0.cv2.conv", "model.22.m.0.cv1.2.conv"])  # dense 3x3; depthwise 7x7
 def test_gptq_beats_plain_rounding_on_the_layer_output(yolov10n, demo_calib_batches, name):
     """On the layer's real calibration inputs, GPTQ's output error is well below plain rounding's."""
-    from lowbit.quantize.refine import fake_quant, InputGram
     from lowbit.quantize.gptq import gptq_weight
+    from lowbit.quantize.refine import fake_quant
 
     conv = yolov10n.net.get_submodule(name)
-    gram = InputGram()
-    hook = conv.register_forward_hook(gram)
-    with torch.no_grad():
-        yolov10n.net(demo_calib_batches[0].images)
-    hook.remove()
-    h = gram.h / gram.n
+    h = _input_gram(yolov10n.net, name, demo_calib_batches[0].images)
     w = conv.weight.detach()
     wf = w.reshape(w.shape[0], -1)
     amax = wf.abs().amax(1)
@@ -213,16 +220,10 @@ def test_gptq_on_fp8_weights_stays_on_modelopts_grid_and_beats_rounding(yolov10n
     from lowbit.quantize.apply import quantize_layers
     from lowbit.quantize.gptq import FP8_MAX, gptq_weight
     from lowbit.quantize.manifest import WeightRecipe
-    from lowbit.quantize.refine import InputGram
 
     name = "model.8.m.0.cv2.conv"
     conv = yolov10n.net.get_submodule(name)
-    gram = InputGram()
-    hook = conv.register_forward_hook(gram)
-    with torch.no_grad():
-        yolov10n.net(demo_calib_batches[0].images)
-    hook.remove()
-    h = gram.h / gram.n
+    h = _input_gram(yolov10n.net, name, demo_calib_batches[0].images)
     w = conv.weight.detach()
     wf = w.reshape(w.shape[0], -1)
     amax = wf.abs().amax(1)
