@@ -15,7 +15,7 @@ from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.blockwise import AdaRoundConfig, finetune
+from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
 from lowbit.formats import parse_format
 from lowbit.io import RunDir
 from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
@@ -468,13 +468,7 @@ class FinetuneRunConfig(BaseModel):
     eval_batch: int = 8
 
     def algorithm(self) -> AdaRoundConfig:
-        from lowbit.finetune.blockwise import RECIPES
-
-        if self.config is not None:
-            return self.config
-        if self.recipe not in RECIPES:
-            raise LowbitError(f"unknown fine-tuning recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
-        return RECIPES[self.recipe]
+        return get_recipe(self.recipe, self.config)
 
 
 def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress: bool = True) -> dict:

@@ -20,7 +20,7 @@ from lowbit.quantize.onnx_ptq import ActivationCalibration
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.blockwise import RECIPES, AdaRoundConfig, finetune
+from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest, save_quantized
@@ -64,11 +64,7 @@ class FinetuneSpec(BaseModel):
     config: AdaRoundConfig | None = None  # overrides the recipe, whole
 
     def algorithm(self) -> AdaRoundConfig:
-        if self.config is not None:
-            return self.config
-        if self.recipe not in RECIPES:
-            raise LowbitError(f"finetune.recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
-        return RECIPES[self.recipe]
+        return get_recipe(self.recipe, self.config)
 
 
 class StudyConfig(BaseModel):
@@ -203,7 +199,12 @@ class StudyContext:
     work: dict = dataclasses.field(default_factory=lambda: {"evaluated": 0, "cached": 0})
     _batches: tuple | None = None
 
-    @property
+    @functools.cached_property
+    def groups(self) -> dict[str, int]:
+        """Layer -> convolution groups (a depthwise conv has one per channel)."""
+        return {layer.name: getattr(self.det.net.get_submodule(layer.name), "groups", 1) for layer in self.det.layers()}
+
+    @functools.cached_property
     def data_key(self) -> tuple:
         return (self.cfg.model, self.cfg.imgsz, [str(r.path) for r in self.calib.images],
                 [str(r.path) for r in self.evalset.images])
@@ -238,7 +239,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     det.net.to(cfg.device)
     ctx = StudyContext(cfg, det, run, cfg.calib.load(), cfg.eval.load(), progress)
     evalset, data_key, work, grams, batches = ctx.evalset, ctx.data_key, ctx.work, ctx.grams, ctx.batches
-    groups: dict[str, int] = {layer.name: _groups(det.net.get_submodule(layer.name)) for layer in det.layers()}
+    groups = ctx.groups
 
     def evaluate_scheme(m: Manifest | None) -> SchemeResult:
         """A scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime (the float
@@ -340,10 +341,6 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     return summary
 
 
-def _groups(mod) -> int:
-    return getattr(mod, "groups", 1)
-
-
 def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityReport], scoring_batches=None,
            sens_dir: Path | None = None) -> list[Manifest]:
     """The study's schemes from one search spec: lowbit's allocations and, if asked, ModelOpt's own (scored on
@@ -353,11 +350,10 @@ def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityRepor
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
     if s.target is None and cfg.target != "size":
         s = s.model_copy(update={"target": cfg.target})
-    groups = {layer.name: _groups(ctx.det.net.get_submodule(layer.name)) for layer in ctx.det.layers()}
-    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range, groups) if (
+    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range, ctx.groups) if (
         s.budgets or s.topk or s.pareto_points) else []
     if s.modelopt_budgets:
-        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range, groups)
+        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range, ctx.groups)
         out += _modelopt_manifests(ctx, s, problem, scoring_batches(), sens_dir)
     return out
 
@@ -449,7 +445,7 @@ def _speed_stage(ctx: StudyContext, results: list[SchemeResult]) -> dict:
     digests = [hashlib.sha256((run.path / r.artifact).read_bytes()).hexdigest()[:16] for r in timed]
     st = ctx.stage("speed", digests, host_cpu(), platform.node(), cfg.speed_threads, cfg.speed_reps)
     if not st.done:
-        verify = make_batches(cfg.calib.load().subset(8, 0), cfg.imgsz, 1)
+        verify = make_batches(ctx.calib.subset(8, 0), cfg.imgsz, 1)
         rows = bench_models([run.path / r.artifact for r in timed], cfg.speed_threads, reps=cfg.speed_reps,
                             verify=verify, progress=ctx.progress)
         by_model = {}

@@ -229,7 +229,7 @@ def test_gptq_on_fp8_weights_stays_on_modelopts_grid_and_beats_rounding(yolov10n
     amax = wf.abs().amax(1)
     scale = (amax / FP8_MAX)[:, None]
     plain = (wf / scale).to(torch.float8_e4m3fn).float() * scale
-    gq = gptq_weight(w, h, amax, 8, "fp8").reshape(wf.shape)
+    gq = gptq_weight(w, h, amax, 8, fp8=True).reshape(wf.shape)
 
     def out_err(q):
         d = (q - wf).double()

@@ -16,7 +16,6 @@ import torch
 from pydantic import BaseModel
 
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_write_bytes
 from lowbit.quantize.manifest import Manifest
 from lowbit.quantize.qdq import OPSET
 
@@ -84,11 +83,9 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
     """Write a Q/DQ ONNX of `manifest` for `target` (lowbit.targets); with `calib_images`, activation ranges are
     calibrated on the graph, otherwise ModelOpt's are used. With `parity_images`, ONNX Runtime's raw outputs are
     compared with the fake-quant model's."""
-    import onnx
-
     from lowbit import targets
-    from lowbit.quantize.onnx_ptq import quantize_graph
-    from lowbit.quantize.qdq import conv_groups, conv_layers
+    from lowbit.quantize.onnx_ptq import quantize_graph, write_graph
+    from lowbit.quantize.qdq import conv_layers
 
     tgt = targets.get_target(target)
     model = export_float_onnx(net_float, manifest.imgsz)
@@ -103,14 +100,7 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
                 for n, f in manifest.layers.items() if f.act is not None} if calib_images is None else None
     done = quantize_graph(model, manifest, calib_images, tgt.act_dtype, calibration, weights, act_amax, layers,
                           placement=tgt.placement)
-    written = done.pop("manifest")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise LowbitError(f"exported Q/DQ graph for {manifest.name} is invalid: {e}") from None
-    data = model.SerializeToString()
-    path = atomic_write_bytes(path, data)
-    verdict = targets.check(target, written, conv_groups(layers))
+    data, verdict = write_graph(model, path, done.pop("manifest"), layers, target, manifest.name)
     info = ExportInfo(path=str(path), target=target, layers_quantized=len(manifest.layers), size_mb=len(data) / 1e6,
                       deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
     if parity_images is not None:

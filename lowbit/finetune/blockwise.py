@@ -52,6 +52,15 @@ RECIPES: dict[str, AdaRoundConfig] = {
 }
 
 
+def get_recipe(name: str, override: AdaRoundConfig | None = None) -> AdaRoundConfig:
+    """The named recipe's config, or `override` whole."""
+    if override is not None:
+        return override
+    if name not in RECIPES:
+        raise LowbitError(f"unknown fine-tuning recipe {name!r}; use one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
 class FinetuneResult(BaseModel):
     recipe: str = ""
     steps: int

@@ -52,13 +52,12 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     return torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h).clone()  # plain rounding
 
 
-def gptq_weight(weight: torch.Tensor, h: torch.Tensor, amax: torch.Tensor, bits: int, dtype: str = "int") -> torch.Tensor:
+def gptq_weight(weight: torch.Tensor, h: torch.Tensor, amax: torch.Tensor, bits: int, fp8: bool = False) -> torch.Tensor:
     """GPTQ-rounded copy of a conv/linear weight with fixed per-channel (or per-tensor) `amax`, on the grid of
-    `bits`-bit integers or (dtype "fp8") FP8 E4M3.
+    `bits`-bit integers or, with `fp8`, FP8 E4M3.
 
     `h` is [groups, K, K] with K = in_channels/groups * kh * kw."""
     out_ch, groups = weight.shape[0], h.shape[0]
-    fp8 = dtype == "fp8"
     qmax = FP8_MAX if fp8 else 2 ** (bits - 1) - 1
     w = weight.detach().double().reshape(out_ch, -1).clone()
     amax = amax.detach().double().reshape(-1, 1).expand(out_ch, 1).clamp_min(1e-12)

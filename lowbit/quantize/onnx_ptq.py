@@ -323,11 +323,7 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
                   progress: bool = False) -> OnnxQuantInfo:
     """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`, for `target` (lowbit.targets);
     written only when it is whole."""
-    import onnx
-
     from lowbit import targets
-    from lowbit.io import atomic_write_bytes
-    from lowbit.quantize.qdq import conv_groups
 
     tgt = targets.get_target(target)
     if manifest.weight_clip != "max" and any(f.weight is not None for f in manifest.layers.values()):
@@ -338,17 +334,28 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress)
-    written = done.pop("manifest")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise LowbitError(f"the Q/DQ graph written for {manifest.name} is invalid: {e}") from None
-    data = model.SerializeToString()
-    verdict = targets.check(target, written, conv_groups(layers))
-    atomic_write_bytes(out, data)
+    data, verdict = write_graph(model, out, done.pop("manifest"), layers, target, manifest.name)
     return OnnxQuantInfo(path=str(out), target=target, layers_quantized=len(manifest.layers), calibration=calibration,
                          calibration_images=0 if images is None else len(images), size_mb=len(data) / 1e6,
                          deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
+
+
+def write_graph(model, out: str | Path, written, layers: dict, target: str, what: str):
+    """Check a quantized graph and write it atomically to `out`: (its bytes, `target`'s verdict on the layers
+    `written` quantized). Nothing is written when the graph is invalid."""
+    import onnx
+
+    from lowbit import targets
+    from lowbit.io import atomic_write_bytes
+    from lowbit.quantize.qdq import conv_groups
+
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise LowbitError(f"the Q/DQ graph written for {what} is invalid: {e}") from None
+    data = model.SerializeToString()
+    atomic_write_bytes(out, data)
+    return data, targets.check(target, written, conv_groups(layers))
 
 
 def uniform_manifest(model, path: str, fmt: str | Format) -> "Manifest":  # noqa: F821

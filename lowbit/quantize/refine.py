@@ -157,5 +157,5 @@ def refine_weights(qnet: torch.nn.Module, float_net: torch.nn.Module, assign: di
                 from lowbit.quantize.gptq import gptq_weight
 
                 qmod.weight.data.copy_(gptq_weight(w, h, wq.amax.reshape(-1).to(w.device), bits,
-                                                   fmt.weight.dtype).to(qmod.weight.device))
+                                                   fp8=fmt.weight.dtype == "fp8").to(qmod.weight.device))
     return chosen
