@@ -94,6 +94,21 @@ PRESETS: dict[str, Format] = {
     ]
 }
 
+
+def for_image_input(fmt: Format) -> Format:
+    """What a conv that reads the image takes in place of `fmt`: INT8 activations where `fmt` has FP8 ones (with
+    INT8 per-channel weights where its weights are FP8). The image is 8-bit data: INT8 holds it at about its own
+    resolution, while E4M3's three mantissa bits leave it six levels between 0.57 and 1.0 of its range. TensorRT
+    runs INT8 and FP8 layers in one network."""
+    if fmt.act is None or fmt.act.dtype != "fp8":
+        return fmt
+    weight = fmt.weight
+    if weight is not None and weight.dtype == "fp8":
+        weight = _w("int8")
+    same = [p for p in PRESETS.values() if p.weight == weight and p.act == _ACT_INT8]
+    return same[0] if same else Format(name=f"{fmt.name}-int8-input", weight=weight, act=_ACT_INT8)
+
+
 _GRAN_RE = re.compile(r"^(pt|per[-_]tensor|pc|per[-_]channel|b(\d+)|block(\d+))$", re.I)
 
 

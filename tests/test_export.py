@@ -59,6 +59,46 @@ def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batch
     assert targets.check("tensorrt", _mixed(tiny, ["W8A8"])).deployable
 
 
+def test_fp8_schemes_read_the_image_in_int8(tmp_path, tiny, tiny_batches):
+    """The image is 8-bit data: every FP8 scheme lowbit builds (uniform in PyTorch, uniform on an ONNX graph,
+    searched) gives the conv that reads it INT8 weights and activations, and says so in the manifest; the Q/DQ graph
+    carries both encodings, ONNX Runtime runs it, TensorRT's rules run every layer in low precision."""
+    from lowbit.evaluate.runners import OrtRunner
+    from lowbit.quantize.onnx_ptq import quantize_graph, uniform_manifest
+    from lowbit.search import allocate
+    from lowbit.sensitivity.report import build_report
+
+    layers = tiny.layers()
+    assert [x.name for x in layers if x.reads_image] == ["model.0.conv"]
+    m = Manifest.uniform("yolov10n.yaml", layers, "W8A8-FP8:pc", weight_clip="max", imgsz=64)
+    assert m.layers["model.0.conv"].name == "W8A8" and m.origin["image_input"] == {"model.0.conv": "W8A8"}
+    assert {f.name for n, f in m.layers.items() if n != "model.0.conv"} == {"W8A8-FP8:pc"}
+    assert Manifest.uniform("yolov10n.yaml", layers, "W4A8-FP8").layers["model.0.conv"].name == "W4A8"
+    assert "image_input" not in Manifest.uniform("yolov10n.yaml", layers, "W8A8").origin  # INT8 is left alone
+
+    q = apply_manifest(tiny, m, tiny_batches)
+    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "fp8.onnx")
+    zero_points = {i.name: i.data_type for i in onnx.load(info.path).graph.initializer if i.name.endswith(".input_zp")}
+    assert zero_points.pop("model.0.conv.input_zp") == onnx.TensorProto.INT8
+    assert set(zero_points.values()) == {onnx.TensorProto.FLOAT8E4M3FN}
+    out = OrtRunner(info.path)(tiny_batches[0].images[:1])
+    assert torch.isfinite(out).all()
+    groups = {x.name: 1 for x in layers}  # FP8 depthwise is the search's business, not this rule's
+    assert targets.check("tensorrt", m, groups).deployable
+
+    float_graph = export_float_onnx(tiny.net, 64)
+    native = uniform_manifest(float_graph, "tiny.onnx", "W8A8-FP8:pc")
+    assert native.origin["image_input"] == {"model.0.conv": "W8A8"}
+    written = quantize_graph(float_graph, native, tiny_batches[0].images.numpy())
+    assert written["activation_dtype"] == "fp8+int8" and written["weight_dtypes"] == {"int8": 1, "fp8": len(layers) - 2}
+
+    rep = build_report("yolov10n.yaml", "synthetic", ["W8A8-FP8:pc"], tiny.quantizable_layers(),
+                       {x.name: {"W8A8-FP8:pc": 0.01} for x in layers}, 4, 64, "cpu", 0.0)
+    p = allocate.Problem(rep, ["W8A8-FP8:pc"], cost="bitops")
+    searched = allocate.budget(p, p.bounds()[0] + 1e-9)  # every layer quantized
+    assert searched.layers["model.0.conv"].name == "W8A8" and searched.origin["image_input"]
+
+
 def test_real_model_map_agrees_with_pytorch(tmp_path, yolov10n, demo_val, demo_calib_batches):
     """The issue's bar: the Q/DQ ONNX's mAP within 0.003 of the fake-quant model's."""
     from lowbit.evaluate.coco import evaluate
@@ -267,7 +307,10 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
     table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2, probe_switches=False)
     layers = table["layers"]
-    assert set(m.layers) <= set(layers) and all(v["FP16"] > 0 and "W8A8" in v for v in layers.values())
+    assert set(m.layers) <= set(layers), set(m.layers) - set(layers)
+    assert all(v["FP16"] >= 0 and "W8A8" in v for v in layers.values())
+    # the profiler counts whole microseconds: a depthwise conv at 64 px may read 0 in a run
+    assert sum(v["FP16"] > 0 for v in layers.values()) >= 0.9 * len(layers)
     assert table["fixed_ms"] > 0 and set(table["wall_ms"]) == {"FP16", "W8A8"}
     # each precision's profiled times are scaled to wall time, so a uniform graph is predicted exactly
     assert layers == {k: {f: ms * table["scale"][f] for f, ms in v.items()} for k, v in table["profiled"].items()}

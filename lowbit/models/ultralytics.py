@@ -26,6 +26,7 @@ class LayerInfo(BaseModel):
     macs: int
     role: str
     quantizable: bool = True
+    reads_image: bool = False  # its input is the network's input (lowbit.formats.for_image_input)
 
 
 @dataclass
@@ -73,11 +74,16 @@ def list_layers(net: torch.nn.Module, imgsz: int = 640) -> list[LayerInfo]:
     """Every Conv2d/Linear in network order, with parameter count and MACs at `imgsz`."""
     targets = {n: m for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     out_numel: dict[str, int] = {}
+    reads_image: set[str] = set()
     hooks = []
+    dev = next(net.parameters()).device
+    image = torch.zeros(1, 3, imgsz, imgsz, device=dev)
 
     def record(name):
         def hook(mod, inp, out):
             out_numel.setdefault(name, out[0].numel())
+            if inp and inp[0] is image:
+                reads_image.add(name)
         return hook
 
     for name, mod in targets.items():
@@ -85,9 +91,8 @@ def list_layers(net: torch.nn.Module, imgsz: int = 640) -> list[LayerInfo]:
     was_training = net.training
     net.eval()
     try:
-        dev = next(net.parameters()).device
         with torch.no_grad():
-            net(torch.zeros(1, 3, imgsz, imgsz, device=dev))
+            net(image)
     finally:
         for h in hooks:
             h.remove()
@@ -105,6 +110,7 @@ def list_layers(net: torch.nn.Module, imgsz: int = 640) -> list[LayerInfo]:
             macs=out_numel.get(name, 0) * per_output,
             role=_role(name, head),
             quantizable=not name.endswith(ALWAYS_FLOAT_SUFFIXES) and name in out_numel,
+            reads_image=name in reads_image,
         ))
     return layers
 

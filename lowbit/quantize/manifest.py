@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from lowbit.errors import LowbitError
-from lowbit.formats import Format, parse_format
+from lowbit.formats import Format, for_image_input, parse_format
 from lowbit.io import read_json, write_json
 from lowbit.models.ultralytics import LayerInfo
 
@@ -75,10 +75,10 @@ class Manifest(BaseModel):
     def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",
                 weight_clip: str = "gptq", imgsz: int = 640, weight_range: str = "full") -> "Manifest":
         fmt = parse_format(fmt)
+        assign, origin = image_input_rule({layer.name: fmt for layer in layers if layer.quantizable},
+                                          {layer.name for layer in layers if layer.reads_image})
         m = cls(name=fmt.name, model=model, imgsz=imgsz, algorithm=algorithm, weight_clip=weight_clip,
-                weight_range=weight_range,
-                layers={layer.name: fmt for layer in layers if layer.quantizable},
-                origin={"kind": "uniform", "format": fmt.name})
+                weight_range=weight_range, layers=assign, origin={"kind": "uniform", "format": fmt.name, **origin})
         m.stats = scheme_stats(m.layers, layers)
         return m
 
@@ -104,6 +104,15 @@ class Manifest(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             raise LowbitError(f"{path}: not a valid lowbit manifest ({e.errors()[0]['loc']}: {e.errors()[0]['msg']})") from None
+
+
+def image_input_rule(assign: dict[str, Format], image_layers: set[str]) -> tuple[dict[str, Format], dict]:
+    """`assign` with every layer that reads the image at `for_image_input` of its format, and what changed (for a
+    manifest's origin). Every scheme lowbit builds (uniform, searched, ONNX-native) goes through it; a manifest
+    written by hand is taken as written."""
+    out = {n: for_image_input(f) if n in image_layers else f for n, f in assign.items()}
+    changed = {n: out[n].name for n in assign if out[n] != assign[n]}
+    return out, ({"image_input": changed} if changed else {})
 
 
 def scheme_stats(assign: dict[str, Format], layers: list[LayerInfo]) -> SchemeStats:

@@ -189,7 +189,7 @@ class OnnxQuantInfo(BaseModel):
     layers_quantized: int
     weight_dtypes: dict[str, int]
     activation_qdq: int
-    activation_dtype: str | None
+    activation_dtype: str | None  # the activation encodings written, e.g. "fp8+int8"
     calibration: ActivationCalibration | None
     calibration_images: int
     # layers whose input INT8 would have lost more than ActivationCalibration.max_error of its signal: kept float,
@@ -294,7 +294,9 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
             for t in src:
                 insert_activation_qdq(model, t, q, keep_float)
             n_act += len(src)
-    return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": act_dtype if act_layers else None,
+    encodings = sorted({"fp8" if manifest.layers[n].act.dtype == "fp8" else act_dtype
+                        for n in act_layers if n not in kept_float})
+    return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": "+".join(encodings) or None,
             "activations_kept_float": kept_float, "manifest": manifest}
 
 
@@ -361,9 +363,10 @@ def write_graph(model, out: str | Path, written, layers: dict, target: str, what
 def uniform_manifest(model, path: str, fmt: str | Format) -> "Manifest":  # noqa: F821
     """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph (weight_clip "max")."""
     from lowbit.formats import parse_format
-    from lowbit.quantize.manifest import Manifest
-    from lowbit.quantize.qdq import uniform_layers
+    from lowbit.quantize.manifest import Manifest, image_input_rule
+    from lowbit.quantize.qdq import image_convs, uniform_layers
 
     fmt = parse_format(fmt)
-    return Manifest(name=fmt.name, model=str(path), layers=uniform_layers(model, fmt), weight_clip="max",
-                    origin={"kind": "onnx-native"})
+    layers, image = image_input_rule(uniform_layers(model, fmt), image_convs(model))
+    return Manifest(name=fmt.name, model=str(path), layers=layers, weight_clip="max",
+                    origin={"kind": "onnx-native", **image})

@@ -95,6 +95,30 @@ def conv_layers(model) -> dict[str, ConvRef]:
     return out
 
 
+# Ops through which a conv still reads the image itself (8-bit values, at most affinely rescaled): layout, casts,
+# Q/DQ and per-channel normalisation.
+_IMAGE_PASS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Transpose", "Identity", "Div", "Mul", "Sub", "Add"}
+
+
+def image_convs(model, layers: dict[str, ConvRef] | None = None) -> set[str]:
+    """Layers whose Conv reads the graph's input (lowbit.formats.for_image_input)."""
+    layers = conv_layers(model) if layers is None else layers
+    inputs = {i.name for i in model.graph.input}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def from_image(t: str) -> bool:
+        for _ in range(16):
+            if t in inputs:
+                return True
+            n = producer.get(t)
+            if n is None or n.op_type not in _IMAGE_PASS or not n.input:
+                return False
+            t = n.input[0]
+        return False
+
+    return {name for name, ref in layers.items() if from_image(ref.input)}
+
+
 def conv_weights(model, layers: dict[str, ConvRef] | None = None) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 

@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate.layer_latency import switches
 from lowbit.formats import Format, parse_format
 from lowbit.models.ultralytics import LayerInfo
-from lowbit.quantize.manifest import Manifest, scheme_stats
+from lowbit.quantize.manifest import Manifest, image_input_rule, scheme_stats
 from lowbit.sensitivity.report import SensitivityReport
 
 FP16 = Format(name="FP16")
@@ -107,12 +107,13 @@ class Problem:
         return lo, hi
 
     def manifest(self, name: str, assign: dict[str, Format], origin: dict) -> Manifest:
-        quantized = {n: f for n, f in assign.items() if not f.is_float}
         damage, cost = self.total(assign)
+        quantized, image = image_input_rule({n: f for n, f in assign.items() if not f.is_float},
+                                            {layer.name for layer in self.layers if layer.reads_image})
         m = Manifest(name=name, model=self.report.model, imgsz=self.report.imgsz, layers=quantized, weight_clip=self.weight_clip,
                      weight_range=self.weight_range,
                      origin={**origin, "sensitivity": self.report.method, "predicted_damage": damage,
-                             "cost": self.cost_kind, "predicted_cost": cost})
+                             "cost": self.cost_kind, "predicted_cost": cost, **image})
         m.stats = scheme_stats(quantized, self.layers)
         return m
 

@@ -19,7 +19,7 @@ from collections import deque
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.quantize.qdq import conv_layers, conv_weights, is_dfl, load_graph
+from lowbit.quantize.qdq import conv_layers, conv_weights, image_convs, is_dfl, load_graph
 from lowbit.quantize.onnx_ptq import feed
 from lowbit.sensitivity.base import ScoreStore, SensitivityContext
 
@@ -72,6 +72,7 @@ def onnx_layers(model, imgsz: int) -> list:
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in onnx.shape_inference.infer_shapes(m).graph.value_info}
     heads = set(head_outputs(model, weights))
+    image = image_convs(model, refs)
     out = []
     for layer, ref in refs.items():
         if layer not in weights:
@@ -83,7 +84,7 @@ def onnx_layers(model, imgsz: int) -> list:
         o = shapes.get(n.output[0], [])
         out.append(LayerInfo(name=layer, type="Conv", weight_shape=list(w.shape), params=int(w.size) + bias,
                              macs=int(np.prod(o[1:])) * int(np.prod(w.shape[1:])) if len(o) == 4 else 0,
-                             role="head" if n.output[0] in heads else "body"))
+                             role="head" if n.output[0] in heads else "body", reads_image=layer in image))
     return out
 
 
