@@ -26,6 +26,8 @@ DECODER = typer.Option(None, help="how its outputs are read: ultralytics, yolox,
                        "the model card, else detected from the output shapes)")
 TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), tensorrt "
                "(symmetric INT8/FP8 Q/DQ before each conv), onnxruntime-cpu, or size (storage only)")
+CALIB_SEED = typer.Option(0, "--calib-seed", help="which random subset of the calibration images --calib-images "
+                          "draws: another seed, another calibration draw")
 RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
                      "-min(w)/2^(b-1), so -2^(b-1) is used) or absmax (ModelOpt's max calibration alone)")
 
@@ -134,6 +136,7 @@ def quantize(model: str = MODEL,
                                                            "`lowbit search`, a study, or hand-written); repeat for more"),
              calib: str = typer.Option(..., help="calibration images: folder, data yaml, COCO json or list file"),
              calib_images: Optional[int] = typer.Option(256, help="calibration subset size, 0 for all (a fine-tune recovers more from a GPTQ start calibrated on all its training images: docs/results.md, fine-tuning)"),
+             calib_seed: int = CALIB_SEED,
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
              clip: str = typer.Option("gptq", help="weight rounding: gptq (integer and FP8 weights), gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone); all but gptq act on integer weights only"),
@@ -143,7 +146,7 @@ def quantize(model: str = MODEL,
 
     specs = [f for f in (formats or ("" if manifest else "W8A8")).split(",") if f] + [str(m) for m in manifest or []]
     cfg = QuantizeConfig(model=model, formats=specs, imgsz=imgsz,
-                         calib=_data(calib, None, calib_images, 0),
+                         calib=_data(calib, None, calib_images, calib_seed),
                          eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm,
                          weight_clip=clip, weight_range=weight_range, device=device)
     console.print(_table(run_quantize(cfg, out)))
@@ -252,6 +255,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
            calib: Optional[str] = typer.Option(None, help="images to calibrate activation ranges on the exported graph "
                                                "(default: the checkpoint's ModelOpt ranges)"),
            calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
+           calib_seed: int = CALIB_SEED,
            parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
            parity_images: int = 4, out: Optional[Path] = OUT):
     """Q/DQ ONNX of a checkpoint for a deployment target (INT8/INT4/FP8 as its manifest says), with whether the
@@ -259,7 +263,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
     from lowbit.api import ExportConfig, run_export
 
     info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
-                                   target=target, calib=_data(calib, None, calib_images or None, 0) if calib else None,
+                                   target=target, calib=_data(calib, None, calib_images or None, calib_seed) if calib else None,
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
@@ -326,8 +330,10 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   target: str = typer.Option("openvino-cpu", help=TARGET_HELP),
                   calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
-                  method: str = typer.Option("mean-minmax", help="activation range: max, mean-minmax (mean over images of each "
-                                             "image's range), percentile or mse"),
+                  calib_seed: int = CALIB_SEED,
+                  method: str = typer.Option("mse", help="activation range of INT8 activations: mse (the clip with the "
+                                             "least output error), max, mean-minmax (mean over images of each image's "
+                                             "range) or percentile"),
                   imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
                   preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
@@ -336,7 +342,7 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
 
     info = run_quantize_onnx(QuantizeOnnxConfig(
         model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=fmt, manifest=str(manifest) if manifest else None, target=target,
-        calib=_data(calib, None, calib_images or None, 0) if calib else None, imgsz=imgsz,
+        calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
         calibration=ActivationCalibration(method=method), preprocess=preprocess), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
                   f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"

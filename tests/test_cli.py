@@ -48,6 +48,15 @@ def test_lowbit_artifacts_load_back_into_ultralytics(tmp_path, assets):
                             "--calib-images", "4", "--imgsz", "320", "--onnx", str(tmp_path / "q.onnx"),
                             "-o", str(tmp_path / "run")])
     assert r.exit_code == 0 and "deployable" in r.output, r.output
+    # the CLI calibrates as the library does by default, and --calib-seed draws another subset
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["calibration"]["method"] == "mse"
+    r2 = runner.invoke(app, ["quantize-onnx", str(tmp_path / "f.onnx"), "-f", "W8A8", "--calib", assets["calib"],
+                             "--calib-images", "4", "--calib-seed", "1", "--imgsz", "320",
+                             "--onnx", str(tmp_path / "q1.onnx"), "-o", str(tmp_path / "run1")])
+    assert r2.exit_code == 0, r2.output
+    scales = [{i.name: onnx.numpy_helper.to_array(i).item() for i in onnx.load(str(p)).graph.initializer
+               if i.name.endswith("act_scale")} for p in (tmp_path / "q.onnx", tmp_path / "q1.onnx")]
+    assert scales[0].keys() == scales[1].keys() and scales[0] != scales[1]
     ir = save_openvino_ir(tmp_path / "q.onnx", tmp_path / "q_openvino_model")
     image = str(sorted((Path(assets["val"]).parent.parent / "images").glob("*.jpg"))[0])
     for path in (tmp_path / "q.onnx", ir):
