@@ -454,3 +454,32 @@ def test_one_scale_is_per_channel_only_for_a_conv_of_one_output_channel(tmp_path
     rep = check_qdq(tmp_path / "c.onnx")
     assert rep.weight_quantized == 1 and rep.weight_dtypes == {"int8": 1}
     assert bool(rep.weight_per_tensor_int8) == per_tensor
+
+
+def test_image_convs_found_through_a_space_to_depth_stem():
+    """A Focus stem (slices of the image, concatenated) still feeds the image to its conv; the conv after it does not
+    read the image."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.quantize.qdq import image_convs
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    w1 = np.random.default_rng(0).normal(size=(8, 12, 3, 3)).astype(np.float32)
+    w2 = np.random.default_rng(1).normal(size=(8, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Div", ["images", "k255"], ["x"])]
+    for i, (h, w) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        nodes.append(helper.make_node("Slice", ["x", f"st{i}", "end", "axes", "step"], [f"s{i}"]))
+    nodes += [helper.make_node("Concat", [f"s{i}" for i in range(4)], ["focus"], axis=1),
+              helper.make_node("Conv", ["focus", "stem.weight"], ["c1"], name="/stem/Conv", pads=[1, 1, 1, 1]),
+              helper.make_node("Conv", ["c1", "next.weight"], ["c2"], name="/next/Conv")]
+    inits = [const("k255", np.float32(255)), const("end", np.array([2**31 - 1] * 2, np.int64)),
+             const("axes", np.array([2, 3], np.int64)), const("step", np.array([2, 2], np.int64)),
+             const("stem.weight", w1), const("next.weight", w2)]
+    inits += [const(f"st{i}", np.array([h, w], np.int64)) for i, (h, w) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)])]
+    g = helper.make_graph(nodes, "focus", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    assert image_convs(model) == {"stem"}

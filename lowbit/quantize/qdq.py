@@ -96,8 +96,9 @@ def conv_layers(model) -> dict[str, ConvRef]:
 
 
 # Ops through which a conv still reads the image itself (8-bit values, at most affinely rescaled): layout, casts,
-# Q/DQ and per-channel normalisation.
-_IMAGE_PASS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Transpose", "Identity", "Div", "Mul", "Sub", "Add"}
+# Q/DQ, per-channel normalisation, padding, and the slices a space-to-depth stem (YOLOX's Focus) concatenates.
+_IMAGE_PASS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Transpose", "Identity", "Div", "Mul", "Sub", "Add", "Pad",
+               "Slice", "Concat"}
 
 
 def image_convs(model, layers: dict[str, ConvRef] | None = None) -> set[str]:
