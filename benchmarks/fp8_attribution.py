@@ -30,7 +30,7 @@ from lowbit.quantize.manifest import Manifest
 FP8_PC = TensorFormat(dtype="fp8", granularity="per_channel")
 FP8_BOTH = Format(name="W8A8-FP8:pc", weight=FP8_PC, act=TensorFormat(dtype="fp8"))
 # The first conv reads the image, whose values spread evenly over [0, 1]: E4M3 keeps 3 mantissa bits there, so
-# between 0.57 and 1.0 an FP8 input has six levels where INT8 has 55. TensorRT mixes INT8 and FP8 layers.
+# between 0.57 and 1.0 an FP8 input has seven levels where INT8 has 55. TensorRT mixes INT8 and FP8 layers.
 FIRST_CONV_INT8 = {"model.0.conv": PRESETS["W8A8"]}
 VARIANTS = {  # name: (format, weight rounding, per-layer overrides)
     "FP8 weights": (Format(name="W8A16-FP8w", weight=FP8_PC, act=None), "max", {}),

@@ -98,7 +98,7 @@ PRESETS: dict[str, Format] = {
 def for_image_input(fmt: Format) -> Format:
     """What a conv that reads the image takes in place of `fmt`: INT8 activations where `fmt` has FP8 ones (with
     INT8 per-channel weights where its weights are FP8). The image is 8-bit data: INT8 holds it at about its own
-    resolution, while E4M3's three mantissa bits leave it six levels between 0.57 and 1.0 of its range. TensorRT
+    resolution, while E4M3's three mantissa bits leave it seven levels between 0.57 and 1.0 of its range. TensorRT
     runs INT8 and FP8 layers in one network."""
     if fmt.act is None or fmt.act.dtype != "fp8":
         return fmt
