@@ -129,6 +129,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of peers to leave out: ac, modelopt")
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--throughput-rounds", type=int, default=8, help="interleaved rounds of OpenVINO throughput")
     a = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     work = Path(a.work).resolve()
@@ -206,11 +207,13 @@ def main():
 
     timed = [n for n, x in art.items() if x["runtime"] == "openvino" or n.startswith("ModelOpt")]
     res = run_bench(BenchConfig(models=[art[n]["path"] for n in timed], threads=a.threads, reps=a.reps,
-                                verify=DataConfig(path=str(calib_yaml))), work / "bench", False)
-    out["bench"] = {"host": res.host, "models": timed, "results": res.results}
+                                verify=DataConfig(path=str(calib_yaml)), throughput_rounds=a.throughput_rounds),
+                    work / "bench", False)
+    results = [r.model_dump(mode="json") for r in res.results]
+    out["bench"] = {"host": res.host, "models": timed, "results": results}
     write_json(a.out, out)
     for n in timed:
-        rows = {r["runtime"]: r for r in res.results if r["model"] == art[n]["path"]}
+        rows = {r["runtime"]: r for r in results if r["model"] == art[n]["path"]}
         ov = rows.get("openvino-cpu", {})
         print(f"{n:40s} {ov.get('median_ms') or 0:6.1f} ms x{ov.get('speedup') or 0:.2f} (f32 x{ov.get('speedup_vs_f32') or 0:.2f})"
               f" {art[n].get('eval coco-val800', {}).get('map50_95', '')}")

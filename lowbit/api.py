@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
+from lowbit.evaluate.bench import BenchResult
 from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detections, save_detections
 from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
 from lowbit.formats import parse_format
@@ -518,13 +519,14 @@ class BenchConfig(BaseModel):
     # (None: the COCO images lowbit carries); verify_images of them
     verify: DataConfig | None = None
     verify_images: int = Field(8, ge=0)  # 0: no output check (the table then says so)
+    throughput_rounds: int = Field(0, ge=0)  # interleaved rounds of throughput on OpenVINO (0: latency only)
     preprocess: str | None = None  # graphs lowbit did not export: how they take images and are decoded
     decoder: str | None = None
 
 
 class BenchRun(BaseModel):
     host: dict
-    results: list = Field(default_factory=list)
+    results: list[BenchResult] = Field(default_factory=list)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = True) -> BenchRun:
@@ -538,8 +540,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
         data = cfg.verify or DataConfig(path=demo_assets()["val"])
         batches = make_batches(data.model_copy(update={"max_images": cfg.verify_images}).load(), 640, 1)
     rows = bench_models(cfg.models, cfg.threads, cfg.warmup, cfg.reps, batches, progress=progress,
-                        preprocess=cfg.preprocess, decoder=cfg.decoder)
-    res = BenchRun(host=host_cpu(), results=[r.model_dump() for r in rows])
+                        preprocess=cfg.preprocess, decoder=cfg.decoder, throughput_rounds=cfg.throughput_rounds)
+    res = BenchRun(host=host_cpu(cfg.threads), results=rows)
     run.write_json("results.json", res)
     run.log.info("benchmarked %d graphs on %s", len(cfg.models), res.host["cpu"])
     return res

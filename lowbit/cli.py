@@ -224,15 +224,16 @@ def study(config: Path = typer.Option(..., "--config", "-c", help="study yaml (s
     cfg = StudyConfig.load(config)
     summary = run_study(cfg, out)
     console.print(study_table(summary, f"study {cfg.name} (target {cfg.target})"))
-    console.print(f"recommended: {summary['recommended']}; evaluated {summary['work']['evaluated']} schemes, "
-                  f"{summary['work']['cached']} from cache")
+    _print_speed_and_pick(summary, Path(summary["folder"]))
+    console.print(f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache")
 
 
 def study_table(summary: dict, title: str, caption: str | None = None) -> Table:
     t = Table(title=title, caption=caption)
     longest = max(len(r["scheme"]) for r in summary["rows"])
     # short headers: the table has to fit a terminal beside the scheme names
-    for col in ("scheme", "kind", "deploys", "mAP50-95", "Δ pt", "SE", "ms", "speed-up", "vs f32", "INT4", "MB"):
+    for col in ("scheme", "kind", "deploys", "mAP50-95", "Δ pt", "SE", "ms", "speed-up", "vs f32", "img/s ×", "INT4",
+                "MB"):
         t.add_column(col, justify="left" if col in ("scheme", "kind", "deploys") else "right",
                      **({"no_wrap": True, "min_width": longest} if col == "scheme" else {}))
     for r in summary["rows"]:
@@ -242,7 +243,8 @@ def study_table(summary: dict, title: str, caption: str | None = None) -> Table:
                   "yes" if r["deployable"] else "no", f"{r['map50_95']:.4f}",
                   "" if r["kind"] == "fp32" else f"{-r['drop_points']:+.2f}", se, lat,
                   f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-                  f"{r['speedup_vs_f32']:.2f}x" if r.get("speedup_vs_f32") else "-", f"{r['int4_share']:.0%}",
+                  f"{r['speedup_vs_f32']:.2f}x" if r.get("speedup_vs_f32") else "-",
+                  f"{r['throughput_speedup']:.2f}x" if r.get("throughput_speedup") else "-", f"{r['int4_share']:.0%}",
                   f"{r['weight_mb']:.2f}")
     return t
 
@@ -366,6 +368,8 @@ def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO
           verify: Optional[str] = typer.Option(None, help="images to check each runtime's detections on before timing "
                                                "(default: the COCO images lowbit carries)"),
           verify_images: int = typer.Option(8, help="how many of them; 0 skips the check"),
+          throughput_rounds: int = typer.Option(8, help="interleaved rounds of throughput on OpenVINO (its THROUGHPUT "
+                                                "hint, parallel requests); 0: batch-1 latency only"),
           preprocess: Optional[str] = PREPROCESS, decoder: Optional[str] = DECODER, out: Optional[Path] = OUT):
     """Latency of graphs on every runtime present (ONNX Runtime, OpenVINO at its default precision and at f32),
     timed interleaved; a runtime whose detections diverge from ONNX Runtime's fails instead of being timed."""
@@ -373,20 +377,25 @@ def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO
 
     res = run_bench(BenchConfig(models=[str(m) for m in models], threads=threads, reps=reps,
                                 verify=_data(verify, None, None, 0) if verify else None, verify_images=verify_images,
+                                throughput_rounds=throughput_rounds,
                                 preprocess=preprocess, decoder=decoder), out)
-    cpu = res.host
-    t = Table(title=f"lowbit bench on {cpu['cpu']} ({', '.join(cpu['isa']) or 'no AVX2'}), interleaved",
-              caption=f"speed-up: the first model's median over this one's on the same runtime; vs f32: over the first "
-                      f"model on OpenVINO forced to f32. {'' if verify_images else 'Outputs NOT checked (--verify-images 0).'}")
-    for col in ("model", "runtime", "median ms", "p90 ms", "speed-up", "vs f32", "note"):
+    from lowbit.evaluate.bench import describe_host
+
+    t = Table(title=f"lowbit bench on {describe_host(res.host)}, interleaved",
+              caption=f"speed-up: the first model's batch-1 median over this one's on the same runtime; vs f32: over "
+                      "the first model on OpenVINO forced to f32; img/s: OpenVINO's THROUGHPUT hint. "
+                      f"{'' if verify_images else 'Outputs NOT checked (--verify-images 0).'}")
+    for col in ("model", "runtime", "median ms", "p90 ms", "speed-up", "vs f32", "img/s", "img/s ×", "note"):
         t.add_column(col, justify="left" if col in ("model", "runtime", "note") else "right")
     for r in res.results:
-        failed = r["parity"] is not None and r["parity"]["agreement"] < 0.8
-        ms = "[red]FAILS[/red]" if failed else (f"{r['median_ms']:.1f}" if r["median_ms"] else "-")
-        t.add_row(Path(r["model"]).name, r["runtime"], ms, f"{r['p90_ms']:.1f}" if r["p90_ms"] else "-",
-                  f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-                  f"{r['speedup_vs_f32']:.2f}x" if r["speedup_vs_f32"] else "-", r["note"])
+        ms = "[red]FAILS[/red]" if r.failed else (f"{r.median_ms:.1f}" if r.median_ms else "-")
+        t.add_row(Path(r.model).name, r.runtime, ms, f"{r.p90_ms:.1f}" if r.p90_ms else "-",
+                  f"{r.speedup:.2f}x" if r.speedup else "-", f"{r.speedup_vs_f32:.2f}x" if r.speedup_vs_f32 else "-",
+                  f"{r.throughput_ips:.1f}" if r.throughput_ips else "-",
+                  f"{r.throughput_speedup:.2f}x" if r.throughput_speedup else "-", r.note)
     console.print(t)
+    if not any(r.median_ms for r in res.results):
+        raise LowbitError("no model could be timed on any runtime (see the notes above)")
 
 
 @app.command("latency-table")
@@ -439,15 +448,29 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folde
                               caption="mAP50-95 on 32 images is noisy: SE is each Δ's standard error over the choice of "
                                       "images, so differences within about 2 SE are not resolved here. Decide with "
                                       "configs/study-yolov10n-openvino.yaml (coco-val800)."))
-    host = (summary.get("speed") or {}).get("host", {})
-    console.print(f"latency: batch 1, interleaved medians on {host.get('cpu', 'this CPU')} "
-                  f"({', '.join(host.get('isa', []))}), OpenVINO's default precision; speed-up vs the FP32 export there, "
-                  "vs f32 against OpenVINO forced to f32")
-    console.print(f"recommended: [bold]{summary['recommended']}[/] -> {folder / 'recommended.onnx'}"
-                  + (f" and {summary['openvino_ir']}" if summary.get("openvino_ir") else ""))
+    _print_speed_and_pick(summary, folder)
     console.print(f"report: {folder / 'study-report.md'} (plots: pareto.png, pareto-latency.png, recommended-bitmap.png); "
                   f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache (a re-run "
                   "resumes); the real study: lowbit study -c configs/study-yolov10n-openvino.yaml")
+
+
+def _print_speed_and_pick(summary: dict, folder: Path) -> None:
+    """The host every speed was timed on, and the pick with its reason when the float model won."""
+    from lowbit.evaluate.bench import describe_host
+
+    speed = summary.get("speed") or {}
+    if speed.get("rows"):
+        console.print(f"timed on {describe_host(speed.get('host', {}))}: batch-1 latency, interleaved medians at "
+                      "OpenVINO's default precision (speed-up vs the FP32 export there, vs f32 against OpenVINO "
+                      "forced to f32); img/s ×: throughput under OpenVINO's THROUGHPUT hint against the FP32 export's")
+    if summary["recommended"] is None:
+        console.print("recommended: none of the schemes meets the accuracy bounds")
+        return
+    where = f" -> {folder / 'recommended.onnx'}" if (folder / "recommended.onnx").is_file() else ""
+    console.print(f"recommended (by {summary.get('decide_by', 'latency')}): [bold]{summary['recommended']}[/]{where}"
+                  + (f" and {summary['openvino_ir']}" if summary.get("openvino_ir") else ""))
+    if summary.get("why"):
+        console.print(f"  why the float model: {summary['why']}")
 
 
 def sensitivity_table(rep, title: str, n: int = 5) -> Table:

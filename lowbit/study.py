@@ -11,9 +11,10 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from lowbit.api import DataConfig, SearchConfig, SensitivityConfig, run_sensitivity, search_problem, search_schemes
 from lowbit.quantize.onnx_ptq import ActivationCalibration
@@ -88,7 +89,10 @@ class StudyConfig(BaseModel):
     target: str = "size"
     activation: ActivationCalibration = Field(default_factory=ActivationCalibration)  # ranges of exported graphs
     speed_threads: int | None = None  # runtime threads for timing (default: the runtime's own)
-    speed_reps: int = Field(30, ge=1)  # interleaved rounds of timing
+    speed_reps: int = Field(30, ge=1)  # interleaved rounds of batch-1 latency
+    throughput_rounds: int = Field(8, ge=0)  # interleaved rounds of throughput (OpenVINO's THROUGHPUT hint); 0: none
+    # what a timed target's decision minimises: batch-1 latency, or throughput (then throughput_rounds > 0)
+    decide_by: Literal["latency", "throughput"] = "latency"
     save_checkpoints: bool = False
     finetune: FinetuneSpec | None = None
     # random halves of the evaluation images behind each scheme's standard error of its Δ vs FP32 (0: none)
@@ -102,6 +106,12 @@ class StudyConfig(BaseModel):
         if v not in TARGETS:
             raise ValueError(f"unknown target {v!r}; use one of {', '.join(TARGETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _throughput_to_decide_by(self):
+        if self.decide_by == "throughput" and not self.throughput_rounds:
+            raise ValueError("decide_by: throughput needs throughput_rounds > 0")
+        return self
 
     @field_validator("search", mode="before")
     @classmethod
@@ -336,6 +346,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     elif best is not None and tgt.name == "size":
         summary["onnx"] = _export_recommended(ctx, best)
     summary["work"] = work
+    summary["folder"] = str(run.path)
     summary["sensitivity"] = {m: str((sens_path / m).relative_to(run.path)) for m in reports} if reports else {}
     run.write_json("summary.json", summary)
     return summary
@@ -440,18 +451,19 @@ def _speed_stage(ctx: StudyContext, results: list[SchemeResult]) -> dict:
 
     cfg, run = ctx.cfg, ctx.run
     timed = [r for r in results if r.artifact]
+    host = host_cpu(cfg.speed_threads)
     if len(timed) < 2:
-        return {"rows": {}, "host": host_cpu(), "timed": 0}
+        return {"rows": {}, "host": host, "timed": 0}
     digests = [hashlib.sha256((run.path / r.artifact).read_bytes()).hexdigest()[:16] for r in timed]
-    st = ctx.stage("speed", digests, host_cpu(), platform.node(), cfg.speed_threads, cfg.speed_reps)
+    st = ctx.stage("speed", digests, host, platform.node(), cfg.speed_threads, cfg.speed_reps, cfg.throughput_rounds)
     if not st.done:
         verify = make_batches(ctx.calib.subset(8, 0), cfg.imgsz, 1)
         rows = bench_models([run.path / r.artifact for r in timed], cfg.speed_threads, reps=cfg.speed_reps,
-                            verify=verify, progress=ctx.progress)
+                            verify=verify, progress=ctx.progress, throughput_rounds=cfg.throughput_rounds)
         by_model = {}
         for r, path in zip(timed, [str(run.path / r.artifact) for r in timed]):
             by_model[r.manifest.name] = [b.model_dump(mode="json") for b in rows if b.model == path and b.present]
-        write_json(st.path / "bench.json", {"host": host_cpu(), "rows": by_model})
+        write_json(st.path / "bench.json", {"host": host, "rows": by_model})
         st.finish()
     out = read_json(st.path / "bench.json")
     out["timed"] = len(timed)
@@ -495,7 +507,7 @@ def run_demo(out: str | Path | None = None, progress: bool = True, quick: bool =
     out = Path(out or "runs/demo")
     cfg = StudyConfig.load(demo_assets()["study"])
     if quick:
-        cfg = cfg.model_copy(update={"imgsz": 160, "speed_reps": 3, "error_halves": 20,
+        cfg = cfg.model_copy(update={"imgsz": 160, "speed_reps": 3, "throughput_rounds": 2, "error_halves": 20,
                                      "calib": cfg.calib.model_copy(update={"max_images": 8}),
                                      "eval": cfg.eval.model_copy(update={"max_images": 8})})
     summary = run_study(cfg, out, progress)

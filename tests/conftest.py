@@ -12,6 +12,17 @@ needs_shared = pytest.mark.skipif(not (SHARED / "models" / "yolov10n" / "yolov10
                                   reason=f"needs the shared assets at {SHARED} (set LOWBIT_SHARED_ASSETS)")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the process's own torch thread count: Ultralytics' predict sets it to cores - 1 for
+    the rest of the process, which changed float rounding (and so a short fine-tune's outcome) in later tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def assets():
     from lowbit.api import demo_assets

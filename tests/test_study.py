@@ -91,7 +91,7 @@ def test_openvino_study_scores_artifacts_on_openvino_and_recommends_a_deployable
     cfg = {"name": "ov", "model": assets["model"], "imgsz": 160, "eval_batch": 4, "target": "openvino-cpu",
            "weight_clip": "max", "calib": {"path": assets["calib"], "max_images": 8},
            "eval": {"path": assets["val"], "max_images": 6}, "search": [], "uniform": ["W8A8", "W4A16"],
-           "max_drop_points": [100], "speed_reps": 3, "speed_threads": 1}
+           "max_drop_points": [100], "speed_reps": 3, "speed_threads": 1, "throughput_rounds": 2}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -104,8 +104,47 @@ def test_openvino_study_scores_artifacts_on_openvino_and_recommends_a_deployable
     # INT4 convolutions run faster nowhere: scored in PyTorch, marked, never recommended for a speed target
     assert not rows["W4A16"]["deployable"] and rows["W4A16"]["runtime"].startswith("torch")
     assert rows["W4A16"]["latency_ms"] is None
-    assert first["recommended"] == "W8A8" and (out / "recommended.onnx").is_file()
+    # the pick is whichever of the float model and W8A8 ran faster here (on an AMX Xeon BF16 can win), and ships
+    timed = [rows[n] for n in ("FP32", "W8A8")]
+    fastest = min(timed, key=lambda r: r["latency_ms"])
+    assert first["recommended"] == fastest["scheme"] and (out / "recommended.onnx").is_file()
+    assert (first["why"] is not None) == (fastest["scheme"] == "FP32")
+    assert all(r["throughput_ips"] > 0 for r in timed) and rows["FP32"]["throughput_speedup"] == 1.0
     report = (out / "study-report.md").read_text()
     assert "Not deployable on openvino-cpu" in report and (out / "pareto-latency.png").stat().st_size > 0
     again = run_study(StudyConfig.load(p), out, progress=False)
     assert again["work"]["evaluated"] == 0 and again["rows"] == first["rows"]
+
+
+def _row(scheme, kind, drop, ms, ips=None, deployable=True):
+    return {"scheme": scheme, "kind": kind, "drop_points": drop, "deployable": deployable, "latency_ms": ms,
+            "throughput_ips": ips, "effective_weight_bits": 32.0 if kind == "fp32" else 8.0, "bit_ops_g": 1.0}
+
+
+XEON = {"cpu": "Intel(R) Xeon(R) Processor", "openvino_float": "bf16"}
+
+
+def test_the_float_model_wins_where_every_quantized_scheme_is_slower():
+    """The AMX host's numbers: BF16 float 22.2 ms, lowbit INT8 23.3 ms, a mixed scheme 24.5 ms."""
+    from lowbit.report.study_report import decide, why_float
+
+    rows = [_row("FP32", "fp32", 0.0, 22.2, 65.7), _row("W8A8", "uniform", 0.3, 23.3, 65.0),
+            _row("mixed", "budget", 0.1, 24.5, 59.8), _row("rnd", "random", 0.2, 10.0, 99.0)]
+    for by in ("latency", "throughput"):
+        assert decide(rows, 0.5, "openvino-cpu", by)["scheme"] == "FP32"
+    why = why_float(rows, 0.5, "latency", XEON)
+    assert "BF16 is faster at batch 1" in why and "W8A8, runs at 0.95x" in why
+    # a size or TensorRT decision is about bits, never the float model
+    assert decide(rows, 0.5, "size")["scheme"] != "FP32" and decide(rows, 0.5, "tensorrt")["scheme"] != "FP32"
+
+
+def test_a_faster_quantized_scheme_wins_and_the_metric_decides_which():
+    from lowbit.report.study_report import decide
+
+    rows = [_row("FP32", "fp32", 0.0, 22.9, 60.0), _row("W8A8", "uniform", 0.22, 16.7, 70.0),
+            _row("mixed", "budget", 0.08, 17.4, 85.0), _row("lossy", "budget", 1.5, 12.0, 120.0),
+            _row("W4A16", "uniform", 0.1, 5.0, 500.0, deployable=False)]
+    assert decide(rows, 0.5, "openvino-cpu")["scheme"] == "W8A8"
+    assert decide(rows, 0.5, "openvino-cpu", "throughput")["scheme"] == "mixed"
+    assert decide(rows, 2.0, "openvino-cpu")["scheme"] == "lossy"
+    assert decide(rows, 0.1, "openvino-cpu")["scheme"] == "mixed"

@@ -31,7 +31,10 @@ class BenchResult(BaseModel):
     threads: int | None = None
     median_ms: float | None = None
     p90_ms: float | None = None
+    # images per second under OpenVINO's THROUGHPUT hint (parallel infer requests), timed interleaved with the
+    # other graphs (`throughput_openvino`); None where not measured. Batch-1 latency is `median_ms`.
     throughput_ips: float | None = None
+    throughput_speedup: float | None = None  # over the first model's throughput, same run
     executed: dict[str, int] | None = None  # convolutions per precision the runtime actually ran them in
     parity: Parity | None = None  # outputs against the reference runtime; None for the reference itself
     speedup: float | None = None  # the first model's median over this one's, same runtime, same interleaved run
@@ -60,10 +63,11 @@ def runtimes() -> dict[str, tuple[bool, str]]:
     }
 
 
-def host_cpu() -> dict:
-    """The CPU's name and the instruction sets that decide whether low precision is faster on it (VNNI and AMX
-    run INT8 and BF16 convolutions natively; AVX2 alone emulates INT8 dot products), so every CPU timing can
-    say what it ran on."""
+def host_cpu(threads: int | None = None) -> dict:
+    """The CPU's name, the instruction sets that decide whether low precision is faster on it (VNNI and AMX
+    run INT8 and BF16 convolutions natively; AVX2 alone emulates INT8 dot products), its cores and the threads
+    timed with, and OpenVINO's default float precision there, so every CPU timing can say what it ran on."""
+    import os
     import platform
 
     name, flags = platform.processor() or platform.machine(), set()
@@ -78,7 +82,18 @@ def host_cpu() -> dict:
     except OSError:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return {"cpu": name, "isa": isa}
+    out = {"cpu": name, "isa": isa, "cores": os.cpu_count(), "threads": threads}
+    if importlib.util.find_spec("openvino") is not None:
+        out["openvino_float"] = openvino_default_precision()
+    return out
+
+
+def describe_host(host: dict) -> str:
+    """One line naming the host of a timing: CPU, the ISA that matters, cores and threads, OpenVINO's float."""
+    isa = ", ".join(host.get("isa", [])) or "no AVX2"
+    threads = host.get("threads") or "runtime default"
+    flt = f"; OpenVINO runs float models in {host['openvino_float']}" if host.get("openvino_float") else ""
+    return f"{host.get('cpu', 'unknown CPU')} ({isa}; {host.get('cores', '?')} cores, threads: {threads}{flt})"
 
 
 def openvino_default_precision() -> str:
@@ -102,6 +117,42 @@ def interleaved(runs: dict[str, tuple], warmup: int = 5, reps: int = 30) -> dict
             fn(x)
             times[label].append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def throughput_openvino(models: list[str | Path], threads: int | None = None, rounds: int = 8,
+                        warmup: int = 1) -> dict[str, float]:
+    """Images per second of each graph on OpenVINO at its default precision under the THROUGHPUT hint: as many
+    parallel infer requests as OpenVINO asks for, fed bursts of batch-1 inputs. Interleaved as `interleaved`
+    is: one burst of each graph in turn per round, the order rotating; the median over rounds."""
+    import openvino as ov
+
+    from lowbit.evaluate.runners import compile_openvino
+
+    queues = {}
+    for m in models:
+        compiled, why = compile_openvino(m, None, threads, "THROUGHPUT")
+        if compiled is None:
+            raise LowbitError(f"{m}: OpenVINO {why}")
+        n = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).partial_shape]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        queues[str(m)] = (ov.AsyncInferQueue(compiled, n), x, 4 * n)
+
+    def burst(q, x, k) -> float:
+        t = time.perf_counter()
+        for _ in range(k):
+            q.start_async({0: x})
+        q.wait_all()
+        return k / (time.perf_counter() - t)
+
+    for q, x, k in queues.values():
+        for _ in range(warmup):
+            burst(q, x, k)
+    order, per = list(queues), {m: [] for m in queues}
+    for r in range(rounds):
+        for m in order[r % len(order):] + order[:r % len(order)]:
+            per[m].append(burst(*queues[m]))
+    return {m: float(np.median(v)) for m, v in per.items()}
 
 
 def _runners_for(path: Path, threads: int | None, present: dict[str, tuple[bool, str]]) -> list[tuple[str, object]]:
@@ -131,12 +182,13 @@ def _runners_for(path: Path, threads: int | None, present: dict[str, tuple[bool,
 
 def bench_models(models: list[str | Path], threads: int | None = None, warmup: int = 5, reps: int = 30,
                  verify=None, nc: int = 80, progress: bool = False, preprocess: str | None = None,
-                 decoder: str | None = None) -> list[BenchResult]:
+                 decoder: str | None = None, throughput_rounds: int = 0) -> list[BenchResult]:
     """Every graph (.onnx, or an OpenVINO IR) on every runtime present, timed together, interleaved.
 
     `verify`: batches of real images (lowbit.data.loader) on which each runtime's detections are first checked
     against ONNX Runtime's on the same graph; a runtime that diverges gets no timing. The first model is the
-    baseline of each row's speed-up."""
+    baseline of each row's speed-up. `throughput_rounds`: also each graph's throughput on OpenVINO (its
+    default-precision rows), that many interleaved rounds after the latency timing (0: latency only)."""
     from lowbit.evaluate import parity
     from lowbit.evaluate.runners import OpenVinoRunner, openvino_model_file
     from lowbit.models.onnx_detector import load_card
@@ -177,17 +229,24 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
     for label, (res, r) in live.items():
         t = times[label]
         med = float(np.median(t))
-        res.median_ms, res.p90_ms, res.throughput_ips = med, float(np.percentile(t, 90)), res.batch * 1e3 / med
+        res.median_ms, res.p90_ms = med, float(np.percentile(t, 90))
         if isinstance(r, OpenVinoRunner):
             res.executed = r.executed_precisions()
             ran = ", ".join(f"{n} {p}" for p, n in sorted(res.executed.items(), key=lambda kv: -kv[1]))
             res.note = "; ".join(x for x in (res.note, f"convs ran as {ran}; float ops as {r.precision}") if x)
+    ov_rows = [r for r in results if r.runtime == "openvino-cpu" and r.median_ms]
+    if throughput_rounds and ov_rows:
+        ips = throughput_openvino([r.model for r in ov_rows], threads, throughput_rounds)
+        for r in ov_rows:
+            r.throughput_ips = ips[r.model]
     first = {r.runtime: r for r in results if r.model == str(models[0]) and r.median_ms}
     f32 = first.get("openvino-cpu-f32") or (first.get("openvino-cpu") if present["openvino-cpu"][0]
                                             and openvino_default_precision() == "f32" else None)
     for r in results:
         if r.median_ms and r.runtime in first:
             r.speedup = first[r.runtime].median_ms / r.median_ms
+            if r.throughput_ips and first[r.runtime].throughput_ips:
+                r.throughput_speedup = r.throughput_ips / first[r.runtime].throughput_ips
         if r.median_ms and r.runtime.startswith("openvino") and f32:
             r.speedup_vs_f32 = f32.median_ms / r.median_ms
     return results
@@ -237,7 +296,7 @@ def compare_openvino(graphs: dict[str, tuple[str | Path, str | None]], threads: 
         executed = r.executed_precisions()
         out[label] = BenchResult(model=str(graphs[label][0]), runtime=r.name, present=True, threads=threads,
                                  batch=r.batch or 1, median_ms=med, p90_ms=float(np.percentile(t, 90)),
-                                 throughput_ips=(r.batch or 1) * 1e3 / med, executed=executed,
+                                 executed=executed,
                                  note=f"convs ran as {', '.join(f'{n} {p}' for p, n in executed.items())}; "
                                       f"float ops as {r.precision}")
     return {label: out[label] for label in graphs}

@@ -161,17 +161,20 @@ def openvino_model_file(path: str | Path) -> Path:
     return path
 
 
-def openvino_config(precision: str | None, threads: int | None) -> dict:
-    return {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
+def openvino_config(precision: str | None, threads: int | None, hint: str = "LATENCY") -> dict:
+    return {"PERFORMANCE_HINT": hint, **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
             **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
 
 
-def compile_openvino(path: str | Path, precision: str | None = None, threads: int | None = None):
-    """(compiled model, None), or (None, why it cannot compile) in one line."""
+def compile_openvino(path: str | Path, precision: str | None = None, threads: int | None = None,
+                     hint: str = "LATENCY"):
+    """(compiled model, None), or (None, why it cannot compile) in one line. `hint`: OpenVINO's performance hint,
+    LATENCY (one request at a time, batch 1) or THROUGHPUT (as many parallel streams as the CPU serves best)."""
     import openvino as ov
 
     try:
-        return ov.Core().compile_model(str(openvino_model_file(path)), "CPU", openvino_config(precision, threads)), None
+        return ov.Core().compile_model(str(openvino_model_file(path)), "CPU",
+                                       openvino_config(precision, threads, hint)), None
     except RuntimeError as e:  # OpenVINO nests its reason under several "Exception from <file>" lines
         lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Exception from")]
         why = next((line for line in lines if "THROWN" in line), lines[-1] if lines else str(e))

@@ -8,6 +8,8 @@ import csv
 import io
 from pathlib import Path
 
+from lowbit.evaluate.bench import describe_host
+from lowbit.evaluate.parity import Parity
 from lowbit.io import atomic_write_bytes, atomic_write_text
 
 KIND_STYLE = {"fp32": ("k", "*"), "uniform": ("tab:gray", "s"), "budget": ("tab:blue", "o"), "topk": ("tab:green", "^"),
@@ -23,10 +25,13 @@ def _speed_of(speed: dict | None, name: str) -> dict:
     main = rows.get("openvino-cpu") or rows.get("ort-cpu") or next(iter(rows.values()), None)
     if main is None:
         return {}
-    failed = main.get("parity") is not None and main["parity"]["agreement"] < 0.8
-    return {"latency_ms": None if failed else main.get("median_ms"), "speed_runtime": main["runtime"],
-            "speedup": None if failed else main.get("speedup"), "speedup_vs_f32": None if failed else main.get("speedup_vs_f32"),
-            "parity": main.get("parity"), "executed": main.get("executed"), "speed_failed": failed}
+    failed = main.get("parity") is not None and not Parity.model_validate(main["parity"]).ok
+    keep = ("median_ms", "speedup", "speedup_vs_f32", "throughput_ips", "throughput_speedup")
+    got = {k: None if failed else main.get(k) for k in keep}
+    return {"latency_ms": got["median_ms"], "speed_runtime": main["runtime"], "speedup": got["speedup"],
+            "speedup_vs_f32": got["speedup_vs_f32"], "throughput_ips": got["throughput_ips"],
+            "throughput_speedup": got["throughput_speedup"], "parity": main.get("parity"),
+            "executed": main.get("executed"), "speed_failed": failed}
 
 
 def _rows(results, errors: dict[str, float], speed: dict | None = None) -> list[dict]:
@@ -47,22 +52,49 @@ def _rows(results, errors: dict[str, float], speed: dict | None = None) -> list[
                      "predicted_ms": r.manifest.origin.get("predicted_ms"),
                      "predicted_float_ms": r.manifest.origin.get("predicted_float_ms"),
                      "deployable": r.deployable, "deploy_note": r.deploy_note, "runtime": res.runtime,
-                     "latency_ms": None, "speedup": None, "speedup_vs_f32": None,
+                     "latency_ms": None, "speedup": None, "speedup_vs_f32": None, "throughput_ips": None,
+                     "throughput_speedup": None,
                      **_speed_of(speed, r.manifest.name)})
     return rows
 
 
-def decide(rows: list[dict], max_drop: float, target: str = "size") -> dict | None:
+# what a timed decision minimises, per row
+SPEED_KEYS = {"latency": lambda r: r.get("latency_ms"), "throughput": lambda r: (1.0 / r["throughput_ips"]
+                                                                               if r.get("throughput_ips") else None)}
+
+
+def decide(rows: list[dict], max_drop: float, target: str = "size", by: str = "latency") -> dict | None:
     """Among schemes within `max_drop` mAP points of FP32 (random baselines excluded) that the target runs in low
-    precision: the fastest measured one where the target is timed, the one with the fewest bit-operations for
-    TensorRT (not available to time here), the fewest weight bits for `size`."""
+    precision: the fewest weight bits for `size`; the fewest bit-operations for TensorRT (not available to time
+    here); where the target is timed, the fastest measured one by `by` (batch-1 latency or throughput), with the
+    float model itself a candidate: a quantized scheme is picked only where it runs faster than float on the host
+    it was timed on."""
     ok = [r for r in rows if r["kind"] not in ("fp32", "random") and r["drop_points"] <= max_drop and r["deployable"]]
     if target == "size":
         return min(ok, key=lambda r: (r["effective_weight_bits"], r["drop_points"])) if ok else None
     if target == "tensorrt":
         return min(ok, key=lambda r: (r["bit_ops_g"] or 1e18, r["drop_points"])) if ok else None
-    timed = [r for r in ok if r.get("latency_ms")]
-    return min(timed, key=lambda r: (r["latency_ms"], r["drop_points"])) if timed else None
+    cost = SPEED_KEYS[by]
+    timed = [r for r in ok + [r for r in rows if r["kind"] == "fp32"] if cost(r)]
+    return min(timed, key=lambda r: (cost(r), r["drop_points"])) if timed else None
+
+
+def why_float(rows: list[dict], max_drop: float, by: str, host: dict) -> str:
+    """In words, why the float model won a timed decision."""
+    cost = SPEED_KEYS[by]
+    fp = next(r for r in rows if r["kind"] == "fp32")
+    rivals = [r for r in rows if r["kind"] not in ("fp32", "random") and r["deployable"] and cost(r)]
+    within = [r for r in rivals if r["drop_points"] <= max_drop]
+    precision = (host.get("openvino_float") or "its default precision").upper()
+    what = "at batch 1" if by == "latency" else "in throughput"
+    if not within:
+        return (f"no quantized scheme within {max_drop:g} point(s) of FP32 was timed" if not rivals else
+                f"every timed quantized scheme loses more than {max_drop:g} point(s)")
+    best = min(within, key=cost)
+    ratio = cost(fp) / cost(best)
+    return (f"on this CPU ({host.get('cpu', 'unknown')}) the float model in {precision} is faster {what} than every "
+            f"quantized scheme within {max_drop:g} point(s); the fastest, {best['scheme']}, runs at {ratio:.2f}x its "
+            "speed")
 
 
 def _scatter_png(rows: list[dict], x: str, xlabel: str, title: str, logx: bool = False) -> bytes:
@@ -180,8 +212,11 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
         atomic_write_bytes(folder / "pareto-latency.png",
                            _scatter_png(rows, "latency_ms", f"measured latency on {rt}, ms per image (batch 1)",
                                         f"{name}: accuracy vs measured latency ({cfg.target})"))
-    decisions = {d: decide(rows, d, cfg.target) for d in cfg.max_drop_points}
+    by = cfg.decide_by
+    host = (speed or {}).get("host", {})
+    decisions = {d: decide(rows, d, cfg.target, by) for d in cfg.max_drop_points}
     recommended = next((r for r in decisions.values() if r), None)
+    why = {d: why_float(rows, d, by, host) for d, r in decisions.items() if r and r["kind"] == "fp32"}
     runtime = results[0].result.runtime
     lines = [f"# lowbit study: {cfg.name}", "",
              f"Model `{cfg.model}`; target **{cfg.target}**: {target.description}. Evaluated on `{cfg.eval.path}` "
@@ -191,14 +226,15 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
               target.name != "size" else "Every scheme is scored as PyTorch fake quantization: a storage result, since "
               "no runtime runs INT4 convolutions faster."), "",
              "| scheme | kind | deployable | mAP50-95 | Δ points | SE of Δ | scored on | latency ms | speed-up | vs f32 | "
-             "INT4 share | eff. W bits | weights MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "img/s | throughput speed-up | INT4 share | eff. W bits | weights MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         se = "" if r["delta_se_points"] is None else f"{r['delta_se_points']:.2f}"
         lat = "fails parity" if r.get("speed_failed") else _ms(r.get("latency_ms"))
         lines.append(f"| {r['scheme']} | {r['kind']} | {'yes' if r['deployable'] else 'no'} | {r['map50_95']:.4f} | "
                      f"{'' if r['kind'] == 'fp32' else format(-r['drop_points'], '+.2f')} | {se} | {r['runtime']} | {lat} | {_times(r.get('speedup'))} | "
-                     f"{_times(r.get('speedup_vs_f32'))} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | "
+                     f"{_times(r.get('speedup_vs_f32'))} | {_ms(r.get('throughput_ips'))} | "
+                     f"{_times(r.get('throughput_speedup'))} | {r['int4_share']:.0%} | {r['effective_weight_bits']:.2f} | "
                      f"{r['weight_mb']:.2f} |")
     notes = sorted({r["deploy_note"] for r in rows if not r["deployable"]})
     if notes:
@@ -210,30 +246,37 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
                   "same halves, as `lowbit compare`). Two schemes whose Δ differ by less than about twice that are not "
                   "told apart by these images."]
     if timed:
-        host = (speed or {}).get("host", {})
-        lines += ["", f"Latency: batch 1, median of {cfg.speed_reps} interleaved rounds (every scheme timed in the same "
-                  f"run, one inference each in turn) on {host.get('cpu', 'this CPU')} "
-                  f"({', '.join(host.get('isa', []))}), threads: {cfg.speed_threads or 'runtime default'}, at the "
-                  "runtime's default precision; speed-up against the FP32 export on the same runtime, vs f32 against it "
-                  "forced to f32. Each runtime's detections were checked against ONNX Runtime's on 8 calibration images "
-                  "before timing."]
+        lines += ["", f"Host: {describe_host(host)}.", "",
+                  f"Latency: batch 1, median of {cfg.speed_reps} interleaved rounds (every scheme timed in the same "
+                  "run, one inference each in turn), at the runtime's default precision; speed-up against the FP32 "
+                  "export on the same runtime, vs f32 against it forced to f32. Throughput (img/s): OpenVINO's "
+                  f"THROUGHPUT hint (as many parallel requests as it asks for), median of {cfg.throughput_rounds} "
+                  "interleaved rounds. Each runtime's detections were checked against ONNX Runtime's on 8 calibration "
+                  "images before timing."]
     lines += predicted_vs_measured(rows)
     lines += ["", "![accuracy vs weight size](pareto.png)", ""]
     if timed:
         lines += ["![accuracy vs measured latency](pareto-latency.png)", ""]
     lines += _finetune_section(results)
-    rule = {"size": "fewest weight bits", "tensorrt": "fewest bit-operations"}.get(cfg.target, "fastest measured")
+    rule = {"size": "fewest weight bits", "tensorrt": "fewest bit-operations"}.get(
+        cfg.target, f"fastest measured ({'batch-1 latency' if by == 'latency' else 'throughput'}), the float model "
+                    "included")
     lines += ["## Which scheme to pick", ""]
     for d, r in decisions.items():
+        if r is not None and r["kind"] == "fp32":
+            lines.append(f"- Within {d:g} mAP point(s) of FP32, {rule}: **FP32**, the float model: {why[d]}.")
+            continue
         lines.append(f"- Within {d:g} mAP point(s) of FP32, deployable on {cfg.target}, {rule}: "
                      + (f"**{r['scheme']}** ({-r['drop_points']:+.2f}{_se(r)} points, "
                         + (f"{_ms(r['latency_ms'])} ms, {_times(r['speedup'])} FP32 at the runtime's default, "
-                           f"{_times(r['speedup_vs_f32'])} FP32 f32" if r.get("latency_ms") else
+                           f"{_times(r['speedup_vs_f32'])} FP32 f32"
+                           + (f", {_times(r['throughput_speedup'])} its throughput" if r.get("throughput_speedup")
+                              else "") if r.get("latency_ms") else
                            f"{r['effective_weight_bits']:.2f} weight bits, {r['int4_share']:.0%} INT4") + ")"
                         if r else "none of the evaluated schemes"))
     if cfg.target == "size" and recommended:
         lines.append("- A storage result: INT4 convolution weights make no runtime faster.")
-    if recommended:
+    if recommended and recommended["kind"] != "fp32":
         m = next(x.manifest for x in results if x.manifest.name == recommended["scheme"])
         layers = next(iter(reports.values())).rows if reports else []
         if layers:
@@ -242,7 +285,8 @@ def write_study_report(cfg, results, reports, folder: Path, errors: dict[str, fl
         m.save(folder / "recommended-manifest.json")
     atomic_write_text(folder / "study-report.md", "\n".join(lines) + "\n")
     return {"target": cfg.target, "rows": rows, "decisions": {str(k): v for k, v in decisions.items()},
-            "recommended": recommended["scheme"] if recommended else None, "speed": speed}
+            "recommended": recommended["scheme"] if recommended else None, "decide_by": by,
+            "why": why.get(next((d for d, r in decisions.items() if r), None)), "speed": speed}
 
 
 def append_onnx_section(folder: Path, scheme: str, out: dict) -> None:
