@@ -12,9 +12,13 @@ conv+SiLU blocks so the conv dominates, each block's input and weights written i
   the conv itself has no padded border to compensate
 
 Every graph is timed interleaved (`lowbit.evaluate.bench.interleaved`), and OpenVINO's per-node profiler gives
-each conv's time and the kernel it ran. Run on the host to characterise (name it in the notes):
+each conv's time and the kernel it ran. With `--model`, the same question on a whole detector: its float export
+and its W8A8 graph with activations encoded as UINT8 asymmetric (lowbit's openvino-cpu target) or INT8 symmetric,
+quantized where produced or in front of each conv, each checked against ONNX Runtime on real images first (a
+graph OpenVINO mis-computes is reported, not timed). Run on the host to characterise (name it in the notes):
 
     .venv/bin/python benchmarks/amx_conv_encodings.py --threads 2 --out docs/data/amx-conv-encodings.json
+    .venv/bin/python benchmarks/amx_conv_encodings.py --model yolov10n.pt --out docs/data/amx-model-encodings.json
 """
 
 from __future__ import annotations
@@ -119,6 +123,46 @@ def profile_convs(path: Path, threads: int, reps: int = 30) -> dict:
     return {"conv_ms": conv_ms, "other_ms": other_ms, "kernels": {k: v // reps for k, v in kernels.items()}}
 
 
+def whole_model(a, work: Path) -> dict:
+    """The detector's float export and W8A8 in four activation encodings, parity-checked, timed interleaved."""
+    import torch
+
+    from lowbit.api import demo_assets
+    from lowbit.data.datasets import load_dataset
+    from lowbit.data.loader import make_batches
+    from lowbit.evaluate.bench import bench_models, host_cpu
+    from lowbit.export.onnx_qdq import export_float_onnx
+    from lowbit.models.ultralytics import load_detector
+    from lowbit.quantize.onnx_ptq import quantize_graph, uniform_manifest, write_graph
+    from lowbit.quantize.qdq import conv_layers, load_graph
+
+    det = load_detector(a.model, a.imgsz)
+    fl = work / "float.onnx"
+    onnx.save(export_float_onnx(det.net, a.imgsz), str(fl))
+    calib = load_dataset(a.calib or demo_assets()["calib"]).subset(a.calib_images, 0)
+    images = torch.cat([b.images for b in make_batches(calib, a.imgsz, 8)]).numpy()
+    paths = [fl]
+    for dtype, placement in (("uint8", "producer"), ("int8", "producer"), ("uint8", "consumer"), ("int8", "consumer")):
+        model = load_graph(fl)
+        layers = conv_layers(model)
+        manifest = uniform_manifest(model, str(fl), "W8A8")
+        done = quantize_graph(model, manifest, images, dtype, None, layers=layers, placement=placement)
+        path = work / f"w8a8-{dtype}-{placement}.onnx"
+        write_graph(model, path, done.pop("manifest"), layers, "onnxruntime-cpu", path.stem)
+        paths.append(path)
+    verify = make_batches(load_dataset(demo_assets()["calib"]).subset(8, 0), a.imgsz, 1)
+    rows = bench_models(paths, a.threads, reps=a.reps, verify=verify, throughput_rounds=a.throughput_rounds)
+    out = {"host": host_cpu(a.threads), "model": a.model, "imgsz": a.imgsz, "rows": []}
+    for r in rows:
+        if r.runtime.startswith("openvino"):
+            out["rows"].append(r.model_dump(mode="json"))
+            print(f"{Path(r.model).stem:24s} {r.runtime:16s} "
+                  + ("FAILS parity" if r.failed else f"{r.median_ms or 0:6.2f} ms  x{r.speedup or 0:.2f}  "
+                     f"img/s {r.throughput_ips or 0:6.1f} x{r.throughput_speedup or 0:.2f}") + f"  {r.note[:90]}",
+                  flush=True)
+    return out
+
+
 def main():
     from lowbit.evaluate.bench import host_cpu, interleaved
     from lowbit.evaluate.runners import OpenVinoRunner
@@ -127,11 +171,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--model", default=None, help="a detector (.pt or .yaml): whole-model encodings instead")
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--calib", default=None, help="calibration images (default: the ones lowbit carries)")
+    ap.add_argument("--calib-images", type=int, default=16)
+    ap.add_argument("--throughput-rounds", type=int, default=8)
     ap.add_argument("--work", default="runs/amx-conv-encodings")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.model:
+        Path(a.out).write_text(json.dumps(whole_model(a, work), indent=1))
+        return
     out = {"host": host_cpu(a.threads), "blocks": 8, "shapes": {}}
     for name in a.shapes.split(","):
         paths = {}

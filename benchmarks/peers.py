@@ -77,7 +77,7 @@ def nncf_accuracy_control(model: str, calib: list, validate: list, coco: dict, n
     from ultralytics import YOLO
 
     from lowbit.evaluate.coco import coco_map, detections_to_coco
-    from lowbit.evaluate.decode import decode
+    from lowbit.models.decode import decode
 
     t = time.perf_counter()
     src = work / Path(model).name

@@ -18,3 +18,5 @@ Path(os.environ["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
 
 # torch logs "No CUDA runtime is found" whenever ModelOpt is imported on a CPU-only machine.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+# ModelOpt's and Ultralytics' own tqdm bars would interleave with lowbit's progress display (rich, on stderr)
+os.environ.setdefault("TQDM_DISABLE", "1")

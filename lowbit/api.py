@@ -19,10 +19,12 @@ from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detectio
 from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
 from lowbit.formats import parse_format
 from lowbit.io import RunDir
-from lowbit.models.ultralytics import Detector, LayerInfo, load_detector
+from lowbit.models.layers import LayerInfo
+from lowbit.models.ultralytics import Detector, load_detector
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
 from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine, scheme_stats
 from lowbit.quantize.onnx_ptq import ActivationCalibration
+from lowbit.targets import DEFAULT_TARGET, TargetName
 
 
 class DataConfig(BaseModel):
@@ -38,7 +40,7 @@ class DataConfig(BaseModel):
 class EvalConfig(BaseModel):
     model: str
     data: DataConfig
-    imgsz: int | None = None  # default: a graph's own static input size, else 640
+    imgsz: int | None = Field(None, gt=0)  # default: a graph's own static input size, else 640
     batch: int = 1
     device: str = "cpu"
     threads: int | None = None
@@ -58,7 +60,7 @@ class QuantizeConfig(BaseModel):
     formats: list[str] = Field(default_factory=lambda: ["W8A8"])
     calib: DataConfig
     eval: DataConfig | None = None
-    imgsz: int = 640
+    imgsz: int = Field(640, gt=0)
     calib_batch: int = 8
     eval_batch: int = 1
     algorithm: str = "max"
@@ -101,12 +103,9 @@ def _graph_names(path: Path) -> dict[int, str] | None:
     """Class names an exported graph carries: Ultralytics writes them into an ONNX's metadata and into the
     metadata.yaml beside an OpenVINO IR, as a Python dict literal or a mapping."""
     if path.suffix == ".onnx":
-        import onnx
+        from lowbit.models.onnx_detector import read_onnx
 
-        try:
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as e:
-            raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
+        meta = {p.key: p.value for p in read_onnx(path).metadata_props}
         names = meta.get("names")
         return {int(k): v for k, v in ast.literal_eval(names).items()} if names else None
     meta = path.parent / "metadata.yaml"
@@ -128,8 +127,7 @@ def open_for_eval(model: str, dataset: Dataset, imgsz: int | None, preprocess: s
     .onnx file or an OpenVINO IR. A graph's card (lowbit.models.onnx_detector) says how it is fed and decoded."""
     path = Path(model)
     if _is_graph(path):
-        from lowbit.evaluate.runners import openvino_model_file
-        from lowbit.models.onnx_detector import class_names, graph_input_size, load_card
+        from lowbit.models.onnx_detector import class_names, graph_input_size, load_card, openvino_model_file
 
         if not path.exists():
             raise LowbitError(f"{path}: {'ONNX' if path.suffix == '.onnx' else 'model'} file not found")
@@ -285,25 +283,19 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
     return rows
 
 
-def demo_config() -> QuantizeConfig:
-    a = demo_assets()
-    return QuantizeConfig(model=a["model"], formats=["W8A8", "W4A16"], calib=DataConfig(path=a["calib"]),
-                          eval=DataConfig(path=a["val"]), save=False)
-
-
 class SensitivityConfig(BaseModel):
     model: str
     calib: DataConfig
     methods: list[str] = Field(default_factory=lambda: ["distortion"])
     formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
     batch: int = 8
-    imgsz: int | None = None  # default: an ONNX graph's own input size, else 640
+    imgsz: int | None = Field(None, gt=0)  # default: an ONNX graph's own input size, else 640
     device: str = "cpu"
     layers: list[str] | None = None  # glob patterns; default: every quantizable layer
     top_k: int = 10
     weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
     weight_range: WeightRange = "full"  # and their integer scales (likewise)
-    target: str = "tensorrt"  # the onnx method encodes INT8 activations as this target does (lowbit.targets)
+    target: TargetName = DEFAULT_TARGET  # the onnx method encodes INT8 activations as this target does
     preprocess: str | None = None  # an .onnx lowbit did not export: how it takes images, over its model card
 
 
@@ -395,7 +387,7 @@ def _graph_card(model: str, imgsz: int | None, preprocess: str | None, decoder: 
 class ExportConfig(BaseModel):
     checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
     onnx: str | None = None  # the .onnx to write (default: model.onnx in the run folder)
-    target: str = "tensorrt"  # lowbit.targets: how activations are encoded and placed
+    target: TargetName = DEFAULT_TARGET  # lowbit.targets: how activations are encoded and placed
     # images to calibrate activation ranges on the exported graph (None: ModelOpt's calibrated ranges)
     calib: DataConfig | None = None
     calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
@@ -428,9 +420,9 @@ class QuantizeOnnxConfig(BaseModel):
     onnx: str | None = None  # the Q/DQ .onnx to write (default: model.onnx in the run folder)
     formats: str | None = None  # one format for every conv (a DFL decoder excluded) ...
     manifest: str | None = None  # ... or a manifest file (layer names as the graph's: `lowbit layers -m MODEL.onnx`)
-    target: str = "openvino-cpu"
+    target: TargetName = DEFAULT_TARGET
     calib: DataConfig | None = None  # calibration images, for activation formats
-    imgsz: int | None = None  # default: the graph's own input size
+    imgsz: int | None = Field(None, gt=0)  # default: the graph's own input size
     calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
     preprocess: str | None = None  # how the graph takes images (lowbit.models.onnx_detector), over its model card
 
@@ -562,7 +554,7 @@ class SearchConfig(BaseModel):
     pareto_points: int = 0
     random_seeds: list[int] = Field(default_factory=list)
     # a deploy target (lowbit.targets): per layer, formats it would run in float there are not candidates
-    target: str | None = None
+    target: TargetName | None = None
 
 
 def search_problem(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
@@ -607,13 +599,13 @@ def search_schemes(report, cfg: SearchConfig, weight_clip: WeightRefine | str = 
     return out
 
 
-def run_search(sensitivity: str | Path, cfg: SearchConfig, out: str | Path) -> list[Path]:
+def run_search(sensitivity: str | Path, cfg: SearchConfig, out: str | Path) -> list[tuple[Path, Manifest]]:
     """`search_schemes` on a sensitivity run's report (its method folder or the report JSON); writes one manifest
-    per scheme into `out` (a folder of manifests, not a run folder) and returns their paths."""
+    per scheme into `out` (a folder of manifests, not a run folder) and returns (path, manifest) for each."""
     from lowbit.sensitivity.report import SensitivityReport
 
     out = Path(out)
-    return [m.save(out / f"{m.name}.json") for m in search_schemes(SensitivityReport.load(sensitivity), cfg)]
+    return [(m.save(out / f"{m.name}.json"), m) for m in search_schemes(SensitivityReport.load(sensitivity), cfg)]
 
 
 def run_latency_table(float_model: str | Path, quantized: dict[str, str | Path], out: str | Path,

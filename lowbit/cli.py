@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.errors import LowbitError
+from lowbit.targets import DEFAULT_TARGET
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Sensitivity-guided mixed-precision quantization for detectors.")
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -24,8 +25,14 @@ PREPROCESS = typer.Option(None, help="how a graph lowbit did not export takes it
                           "else Ultralytics'")
 DECODER = typer.Option(None, help="how its outputs are read: ultralytics, yolox, boxes-scores, nms-inside (default: "
                        "the model card, else detected from the output shapes)")
-TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), tensorrt "
-               "(symmetric INT8/FP8 Q/DQ before each conv), onnxruntime-cpu, or size (storage only)")
+TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), openvino-amx "
+               "(symmetric INT8 activations where produced: Xeons with AMX), tensorrt (symmetric INT8/FP8 Q/DQ before "
+               "each conv), onnxruntime-cpu, or size (storage only)")
+TARGET = typer.Option(DEFAULT_TARGET, "--target", "-t", help=TARGET_HELP)
+ACT_RANGE = typer.Option("mse", "--act-range", help="range of INT8 activations on the graph: mse (the clip with the "
+                         "least output error), max, mean-minmax (mean over images of each image's range) or percentile")
+# old spellings, kept hidden for one release
+OLD_ACT_RANGE = typer.Option(None, "--method", hidden=True)
 CALIB_SEED = typer.Option(0, "--calib-seed", help="which random subset of the calibration images --calib-images "
                           "draws: another seed, another calibration draw")
 RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
@@ -156,8 +163,11 @@ def quantize(model: str = MODEL,
 def sensitivity(model: str = MODEL,
                 calib: str = typer.Option(..., help="scoring images (labelled for gradient/ablation): data yaml, COCO json, folder"),
                 method: str = typer.Option("distortion", help="comma list: distortion, gradient, gradient-selfsup, ablation, onnx (Q/DQ one Conv at a time in the ONNX graph; the only one for a .onnx model)"),
-                formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="comma list of formats to score"),
-                images: Optional[int] = typer.Option(32, help="scoring images (deterministic subset)"),
+                formats: str = typer.Option("W4A16,W8A16", "--format", "--formats", "-f", help="comma list of formats to score"),
+                calib_images: Optional[int] = typer.Option(32, "--calib-images", help="how many of the scoring images "
+                                                          "(deterministic subset)"),
+                old_images: Optional[int] = typer.Option(None, "--images", hidden=True),
+                target: str = TARGET,
                 batch: int = 8, imgsz: Optional[int] = typer.Option(None, help="input size (default: an ONNX graph's "
                                                                     "own, else 640)"), device: str = "cpu",
                 preprocess: Optional[str] = PREPROCESS,
@@ -167,10 +177,10 @@ def sensitivity(model: str = MODEL,
     """Per-layer sensitivity: one report (JSON, Markdown, PNG) per method; re-run with the same --out to resume."""
     from lowbit.api import SensitivityConfig, run_sensitivity
 
-    cfg = SensitivityConfig(model=model, calib=_data(calib, None, images, 0), methods=method.split(","),
+    cfg = SensitivityConfig(model=model, calib=_data(calib, None, old_images or calib_images, 0), methods=method.split(","),
                             formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
                             layers=layers.split(",") if layers else None, weight_clip=clip,
-                            weight_range=weight_range, preprocess=preprocess)
+                            weight_range=weight_range, preprocess=preprocess, target=target)
     reports = run_sensitivity(cfg, out)
     for name, rep in reports.items():
         t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")
@@ -186,7 +196,7 @@ def sensitivity(model: str = MODEL,
 
 @app.command()
 def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a method folder of a sensitivity run (holds layer-sensitivity-report.json)"),
-           formats: str = typer.Option("W4A16,W8A16", "--formats", "-f", help="candidate formats; FP16 is always allowed"),
+           formats: str = typer.Option("W4A16,W8A16", "--format", "--formats", "-f", help="candidate formats (comma list); FP16 is always allowed"),
            budget: Optional[str] = typer.Option(None, help="comma list of budgets (effective weight bits, or share of FP16 bit-ops with --cost bitops)"),
            topk: Optional[str] = typer.Option(None, help="comma list of K: K most sensitive layers at --high, the rest at --low"),
            low: str = "W4A16", high: str = "W8A16",
@@ -194,34 +204,33 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            cost: str = typer.Option("weight_bits", help="weight_bits, bitops, or latency (needs --latency-table)"),
            latency_table: Optional[Path] = typer.Option(None, help="per-layer latency JSON from `lowbit latency-table`; budgets are then milliseconds of conv time and precision switches"),
            no_fp16: bool = typer.Option(False, "--no-fp16", help="every layer must take one of --formats"),
-           target: Optional[str] = typer.Option(None, help="deploy target (openvino-cpu, tensorrt, onnxruntime-cpu): "
-                                                "per layer, formats it would run in float are not candidates"),
+           target: str = TARGET,
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
-    from lowbit.api import SearchConfig, search_schemes
-    from lowbit.sensitivity.report import SensitivityReport
+    from lowbit.api import SearchConfig, run_search
 
-    report = SensitivityReport.load(sensitivity)
-    manifests = search_schemes(report, SearchConfig(
+    saved = run_search(sensitivity, SearchConfig(
         formats=formats.split(","), allow_fp16=not no_fp16, cost=cost, latency_table=str(latency_table) if latency_table else None,
         budgets=[float(b) for b in budget.split(",")] if budget else [], topk=[int(k) for k in topk.split(",")] if topk else [],
-        topk_low=low, topk_high=high, pareto_points=pareto, target=target))
-    t = Table(title=f"schemes from {report.method} sensitivity ({len(report.rows)} layers)")
+        topk_low=low, topk_high=high, pareto_points=pareto, target=target), out)
+    t = Table(title=f"schemes from {sensitivity}")
     for col in ("manifest", "INT4 share", "eff. W bits", "mean A bits", "predicted damage"):
         t.add_column(col)
-    for m in manifests:
-        path = m.save(out / f"{m.name}.json")
+    for path, m in saved:
         t.add_row(str(path), f"{m.stats.int4_share:.0%}", f"{m.stats.effective_weight_bits:.2f}",
                   f"{m.stats.mean_act_bits:.1f}", f"{m.origin['predicted_damage']:.4g}")
     console.print(t)
 
 
 @app.command()
-def study(config: Path = typer.Option(..., "--config", "-c", help="study yaml (see configs/)"), out: Optional[Path] = OUT):
+def study(config: Optional[Path] = typer.Argument(None, help="study yaml (see configs/)"),
+          old_config: Optional[Path] = typer.Option(None, "--config", "-c", hidden=True), out: Optional[Path] = OUT):
     """Baseline -> sensitivity -> schemes -> materialize -> evaluate -> report; cached stages, so re-runs redo only what changed."""
     from lowbit.study import StudyConfig, run_study
 
-    cfg = StudyConfig.load(config)
+    if (config is None) == (old_config is None):
+        raise LowbitError("give the study's yaml: lowbit study CONFIG.yaml")
+    cfg = StudyConfig.load(config or old_config)
     summary = run_study(cfg, out)
     console.print(study_table(summary, f"study {cfg.name} (target {cfg.target})"))
     _print_speed_and_pick(summary, Path(summary["folder"]))
@@ -253,19 +262,21 @@ def study_table(summary: dict, title: str, caption: str | None = None) -> Table:
 def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowbit checkpoint folder"),
            onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="the .onnx to write (default: model.onnx in "
                                                    "the run folder)"),
-           target: str = typer.Option("tensorrt", help=TARGET_HELP),
+           target: str = TARGET,
            calib: Optional[str] = typer.Option(None, help="images to calibrate activation ranges on the exported graph "
                                                "(default: the checkpoint's ModelOpt ranges)"),
+           act_range: str = ACT_RANGE,
            calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
            calib_seed: int = CALIB_SEED,
            parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
            parity_images: int = 4, out: Optional[Path] = OUT):
     """Q/DQ ONNX of a checkpoint for a deployment target (INT8/INT4/FP8 as its manifest says), with whether the
     target runs every quantized layer in low precision."""
-    from lowbit.api import ExportConfig, run_export
+    from lowbit.api import ActivationCalibration, ExportConfig, run_export
 
     info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
                                    target=target, calib=_data(calib, None, calib_images or None, calib_seed) if calib else None,
+                                   calibration=ActivationCalibration(method=act_range),
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
@@ -326,26 +337,27 @@ def check_qdq_cmd(model: Path = typer.Argument(..., help="a Q/DQ .onnx")):
 def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector"),
                   onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="the Q/DQ .onnx to write (default: "
                                                           "model.onnx in the run folder)"),
-                  fmt: Optional[str] = typer.Option(None, "--format", "-f", help="one format for every conv (DFL excluded)"),
-                  manifest: Optional[Path] = typer.Option(None, help="a lowbit manifest (layer names as `lowbit layers -m "
-                                                          "MODEL.onnx` lists them)"),
-                  target: str = typer.Option("openvino-cpu", help=TARGET_HELP),
+                  formats: Optional[str] = typer.Option(None, "--format", "-f", help="one format for every conv (DFL excluded)"),
+                  manifest: Optional[list[Path]] = typer.Option(None, help="a lowbit manifest (layer names as `lowbit "
+                                                                "layers -m MODEL.onnx` lists them)"),
+                  target: str = TARGET,
                   calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
-                  method: str = typer.Option("mse", help="activation range of INT8 activations: mse (the clip with the "
-                                             "least output error), max, mean-minmax (mean over images of each image's "
-                                             "range) or percentile"),
+                  act_range: str = ACT_RANGE, old_act_range: Optional[str] = OLD_ACT_RANGE,
                   imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
                   preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
     a deployment target."""
     from lowbit.api import ActivationCalibration, QuantizeOnnxConfig, run_quantize_onnx
 
+    if formats and "," in formats or manifest and len(manifest) > 1:
+        raise LowbitError("quantize-onnx writes one graph: give one format or one manifest")
     info = run_quantize_onnx(QuantizeOnnxConfig(
-        model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=fmt, manifest=str(manifest) if manifest else None, target=target,
+        model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=formats,
+        manifest=str(manifest[0]) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
-        calibration=ActivationCalibration(method=method), preprocess=preprocess), out)
+        calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
                   f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
@@ -400,15 +412,20 @@ def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO
 
 @app.command("latency-table")
 def latency_table(float_model: Path = typer.Argument(..., help="the float .onnx"),
-                  quantized: list[str] = typer.Option(..., "--format", "-f", help="FORMAT=q.onnx, a Q/DQ graph of that format (repeat)"),
+                  quantized: Optional[list[str]] = typer.Option(None, "--graph", "-g", help="FORMAT=q.onnx, a uniform "
+                                                                "Q/DQ graph of that format (repeat)"),
+                  old_quantized: Optional[list[str]] = typer.Option(None, "--format", "-f", hidden=True),
                   threads: Optional[int] = typer.Option(None, help="inference threads"), reps: int = 20,
                   out: Path = typer.Option(..., "--out", "-o", help="the JSON table to write")):
     """Per-layer conv latency at each precision from OpenVINO's CPU profiler, for `lowbit search --cost latency`."""
     from lowbit.api import run_latency_table
 
+    quantized = [*(quantized or []), *(old_quantized or [])]
+    if not quantized:
+        raise LowbitError("give at least one quantized graph: --graph FORMAT=path.onnx")
     pairs = dict(q.split("=", 1) for q in quantized if "=" in q)
     if len(pairs) != len(quantized):
-        raise LowbitError("--format takes FORMAT=path.onnx")
+        raise LowbitError("--graph takes FORMAT=path.onnx")
     table = run_latency_table(float_model, pairs, out, threads, reps)
     conv = {f: sum(v.get(f, 0.0) for v in table["layers"].values()) for f in ["FP16", *pairs]}
     console.print(f"{len(table['layers'])} convs; wall time per uniform graph: "
@@ -451,7 +468,7 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folde
     _print_speed_and_pick(summary, folder)
     console.print(f"report: {folder / 'study-report.md'} (plots: pareto.png, pareto-latency.png, recommended-bitmap.png); "
                   f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache (a re-run "
-                  "resumes); the real study: lowbit study -c configs/study-yolov10n-openvino.yaml")
+                  "resumes); the real study: lowbit study configs/study-yolov10n-openvino.yaml")
 
 
 def _print_speed_and_pick(summary: dict, folder: Path) -> None:
@@ -489,6 +506,13 @@ def sensitivity_table(rep, title: str, n: int = 5) -> Table:
 
 
 def main() -> None:
+    import logging
+
+    # Python warnings from the libraries underneath go to the run's log (lowbit.io.RunDir), not the terminal
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.propagate = False
+    warnings_log.handlers = warnings_log.handlers or [logging.NullHandler()]
     try:
         if len(sys.argv) == 1:
             sys.argv.append("demo")

@@ -70,14 +70,21 @@ class RunDir:
     def __init__(self, root: str | Path | None, kind: str):
         if root is None:
             root = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from lowbit.errors import LowbitError
+
         self.path = Path(root)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise LowbitError(f"{self.path}: the run folder (--out) is a file or lies under one") from None
         self.log = logging.getLogger(f"lowbit.{kind}")
         self.log.setLevel(logging.INFO)
         handler = logging.FileHandler(self.path / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.handlers = [handler]
         self.log.propagate = False
+        # third-party warnings (once `logging.captureWarnings` is on, as the CLI has it) go to the run's log
+        logging.getLogger("py.warnings").handlers = [logging.NullHandler(), handler]
         (self.path / "FAILED").unlink(missing_ok=True)  # a re-run (resuming a study) starts clean
         RunDir.opened.append(self)
 

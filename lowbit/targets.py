@@ -17,11 +17,12 @@ from pydantic import BaseModel
 from lowbit.errors import LowbitError
 from lowbit.formats import Format
 
-TargetName = Literal["openvino-cpu", "tensorrt", "onnxruntime-cpu", "size"]
+TargetName = Literal["openvino-cpu", "openvino-amx", "tensorrt", "onnxruntime-cpu", "size"]
+DEFAULT_TARGET: TargetName = "openvino-cpu"  # every verb and config that takes a target defaults to this one
 
 
 class Target(BaseModel):
-    name: str
+    name: TargetName
     description: str
     # the runtime its artifacts are measured on (lowbit.evaluate.runners); TensorRT cannot be had here, so its
     # artifacts are scored with ONNX Runtime, which computes the same Q/DQ arithmetic
@@ -35,6 +36,14 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target(name="openvino-cpu", runtime="openvino", act_dtype="uint8", placement="producer", speed=True,
            description="OpenVINO on the CPU: INT8 convolutions (VNNI/AMX), asymmetric UINT8 activations quantized "
                        "where they are produced, float ops in the runtime's default precision"),
+    # On Xeons with AMX, OpenVINO's INT8 convolution pays for an activation zero point (its compensation over
+    # the padded border and the asymmetric input) enough that 3x3 convs run slower than in BF16; with symmetric
+    # activations they do not (docs/results.md, "Speed on an AMX Xeon"). Signed INT8 read by a Concat is
+    # mis-computed on the AVX-512/AVX2 kernels of CPUs without AMX (docs/openvino-int8-concat.md), so this
+    # encoding is its own target, not openvino-cpu's; `lowbit bench` checks it on the CPU it runs on.
+    Target(name="openvino-amx", runtime="openvino", act_dtype="int8", placement="producer", speed=True,
+           description="OpenVINO on Intel Xeons with AMX: INT8 convolutions, symmetric INT8 activations quantized "
+                       "where they are produced, float ops in the runtime's default precision (BF16)"),
     Target(name="tensorrt", runtime="onnxruntime", act_dtype="int8", placement="consumer", speed=False,
            description="TensorRT: symmetric INT8 or FP8 Q/DQ in front of each convolution (FP8 on Hopper and newer); "
                        "accuracy measured with ONNX Runtime (TensorRT is not available here)"),

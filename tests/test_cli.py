@@ -104,6 +104,13 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys, monk
         (["finetune", "-c", str(tmp_path), "--train", assets["calib"], "--recipe", "w5"], "unknown recipe 'w5'"),
         (["eval", "-m", assets["model"], "-d", assets["val"], "--imgsz", "100"],
          "image size 100 must be a positive multiple of the model's stride 32"),
+        (["eval", "-m", assets["model"], "-d", assets["val"], "--imgsz", "0"], "imgsz: Input should be greater than 0"),
+        (["eval", "-m", str(tmp_path / "junk.onnx"), "-d", assets["val"]], "junk.onnx: not a readable ONNX file"),
+        (["layers", "-m", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX file"),
+        (["eval", "-m", assets["model"], "-d", assets["val"], "-o", str(tmp_path / "junk.onnx" / "run")],
+         "the run folder (--out) is a file or lies under one"),
+        (["bench", str(tmp_path / "junk.onnx"), "--verify-images", "0"], "no model could be timed"),
+        (["study"], "give the study's yaml"),
     ]
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
     from lowbit.cli import main
@@ -162,7 +169,7 @@ def test_search_quantize_export_bench_chain_on_the_cli(tmp_path, assets):
     """A manifest from `lowbit search` becomes a checkpoint (`quantize --manifest`), a Q/DQ ONNX for OpenVINO
     (`export`), and a timed, output-checked graph (`bench`)."""
     common = ["-m", "yolov10n.yaml", "--imgsz", "64"]
-    r = runner.invoke(app, ["sensitivity", *common, "--calib", assets["calib"], "--images", "4", "--method",
+    r = runner.invoke(app, ["sensitivity", *common, "--calib", assets["calib"], "--calib-images", "4", "--method",
                             "distortion", "-f", "W8A8", "--clip", "max", "--layers", "model.2.*,model.4.*",
                             "-o", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
@@ -186,3 +193,30 @@ def test_search_quantize_export_bench_chain_on_the_cli(tmp_path, assets):
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
     assert any(x["runtime"] == "openvino-cpu" and x["median_ms"] and x["throughput_ips"] > 0 for x in rows)
     assert "cores,threads:1" in "".join(r.output.split())  # the host every timing ran on
+
+
+def test_every_flag_means_one_thing_across_verbs_and_targets_share_one_default():
+    """One spelling, one parameter and type in every verb that has it (hidden old spellings aside); one --target
+    default everywhere a result depends on the target."""
+    import typer.main
+
+    from lowbit.targets import DEFAULT_TARGET
+
+    cli = typer.main.get_command(app)
+    seen: dict[str, set] = {}
+    targets = {}
+    for name, cmd in cli.commands.items():
+        for p in cmd.params:
+            if getattr(p, "hidden", False) or p.param_type_name != "option":
+                continue
+            for flag in p.opts:
+                seen.setdefault(flag, set()).add((p.name, str(p.bare_type())))
+            if "--target" in p.opts:
+                targets[name] = p.default
+    clash = {flag: kinds for flag, kinds in seen.items() if len(kinds) > 1}
+    assert not clash, clash
+    assert set(targets) >= {"export", "quantize-onnx", "sensitivity", "search"}
+    assert set(targets.values()) == {DEFAULT_TARGET}
+    # old spellings still work, hidden
+    help_text = runner.invoke(app, ["quantize-onnx", "--help"]).output
+    assert "--act-range" in help_text and "--method" not in help_text

@@ -7,7 +7,7 @@ from conftest import needs_shared
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.coco import coco_map, evaluate
-from lowbit.evaluate.decode import decode, layout_of
+from lowbit.models.decode import decode, layout_of
 
 
 def test_layouts_decode_to_the_same_boxes(yolov10n, demo_val):

@@ -208,6 +208,14 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
                  for c in g.node if dq.output[0] in c.input}
     assert {"Conv", "Concat"} <= consumers
     assert torch.allclose(OrtRunner(u8.path)(x), OrtRunner(a8.path)(x), atol=0.2 * float(ref.abs().max()))
+    # the AMX encoding: the same places, symmetric INT8 (zero point 0) for OpenVINO's faster INT8 convs there
+    s8 = quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "s8.onnx", images, "openvino-amx")
+    g8 = onnx.load(s8.path).graph
+    zps = [onnx.numpy_helper.to_array(i) for i in g8.initializer if i.name in {q.input[2] for q in g8.node
+                                                                              if q.op_type == "QuantizeLinear"}]
+    assert s8.activation_dtype == "int8" and s8.activation_qdq == u8.activation_qdq
+    assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
+    assert torch.allclose(OrtRunner(s8.path)(x), OrtRunner(u8.path)(x), atol=0.2 * float(ref.abs().max()))
     with pytest.raises(LowbitError, match="activation formats need calibration images"):
         quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "x.onnx")
     bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")}, weight_clip="max")

@@ -70,7 +70,7 @@ def anchor_free(tmp_path_factory):
 def _every_onnx_verb(path, tmp_path, preprocess: str, convs: int, assets) -> None:
     """sensitivity --method onnx, quantize-onnx W8A8 and bench on a graph, each fed as `preprocess` says."""
     common = ["--preprocess", preprocess, "--calib", assets["calib"]]
-    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "2",
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--calib-images", "2",
                             "-o", str(tmp_path / "s"), *common])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
@@ -182,7 +182,7 @@ def test_torchvision_ssdlite_with_nms_inside(tmp_path, assets):
     r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A16", "--preprocess", "torchvision", "--onnx",
                             str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q")])
     assert r.exit_code == 0 and "convs" in r.output, r.output
-    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--images", "1",
+    r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--calib-images", "1",
                             "--layers", "head.classification_head.*", "--preprocess", "torchvision", "--calib",
                             assets["calib"], "-o", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output

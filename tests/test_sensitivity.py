@@ -86,7 +86,7 @@ def test_cli_writes_reports_index_and_agreement(tmp_path, assets):
     from lowbit.cli import app
 
     out = tmp_path / "runs" / "s"
-    r = CliRunner().invoke(app, ["sensitivity", "-m", assets["model"], "--calib", assets["val"], "--images", "2",
+    r = CliRunner().invoke(app, ["sensitivity", "-m", assets["model"], "--calib", assets["val"], "--calib-images", "2",
                                  "--imgsz", "256", "--method", "distortion,gradient", "-f", "W4A16",
                                  "--layers", "model.2.*,model.23.cv3.0.*", "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -116,12 +116,12 @@ def test_onnx_method_on_a_bare_onnx_graph(tmp_path, yolov10n, assets):
     path = tmp_path / "tiny.onnx"
     onnx.save(model, str(path))
     run = CliRunner().invoke(app, ["sensitivity", "-m", str(path), "--calib", assets["calib"], "--method", "onnx",
-                                   "-f", "W8A8", "--images", "2", "--imgsz", "64", "-o", str(tmp_path / "s")])
+                                   "-f", "W8A8", "--calib-images", "2", "--imgsz", "64", "-o", str(tmp_path / "s")])
     assert run.exit_code == 0, run.output
     rep = json.loads((tmp_path / "s" / "onnx" / "layer-sensitivity-report.json").read_text())
     names = {r["name"] for r in rep["rows"]}
     assert names == {x.name for x in yolov10n.quantizable_layers()}  # ONNX layers map 1:1 onto PyTorch modules
     assert all(r["scores"]["W8A8"] > 0 for r in rep["rows"])
     bad = CliRunner().invoke(app, ["sensitivity", "-m", str(path), "--calib", assets["calib"], "--method", "gradient",
-                                   "--images", "2", "--imgsz", "64", "-o", str(tmp_path / "s2")])
+                                   "--calib-images", "2", "--imgsz", "64", "-o", str(tmp_path / "s2")])
     assert "scored by the 'onnx' method only" in str(bad.exception)

@@ -9,7 +9,7 @@ from lowbit.study import SensitivitySpec, StudyConfig, run_study
 
 
 def _write(tmp_path, assets, budgets):
-    cfg = {"name": "t", "model": assets["model"], "imgsz": 256, "eval_batch": 4, "export_onnx": False,
+    cfg = {"name": "t", "model": assets["model"], "imgsz": 256, "eval_batch": 4, "target": "size",
            "calib": {"path": assets["val"], "max_images": 4}, "eval": {"path": assets["val"], "max_images": 4, "seed": 1},
            "sensitivity": {"methods": ["gradient-selfsup"], "formats": ["W4A16", "W8A16"], "batch": 4,
                            "layers": ["model.2.*", "model.23.cv3.0.*"], "images": 3},

@@ -190,7 +190,8 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
     baseline of each row's speed-up. `throughput_rounds`: also each graph's throughput on OpenVINO (its
     default-precision rows), that many interleaved rounds after the latency timing (0: latency only)."""
     from lowbit.evaluate import parity
-    from lowbit.evaluate.runners import OpenVinoRunner, openvino_model_file
+    from lowbit.evaluate.runners import OpenVinoRunner
+    from lowbit.models.onnx_detector import openvino_model_file
     from lowbit.models.onnx_detector import load_card
 
     present = runtimes()

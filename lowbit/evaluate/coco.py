@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from lowbit.data.datasets import Dataset
 from lowbit.data.loader import Batch, make_batches
 from lowbit.errors import LowbitError
-from lowbit.evaluate.decode import decode
+from lowbit.models.decode import decode
 from lowbit.evaluate.latency import Latency
 from lowbit.evaluate.runners import make_runner, timed
 from lowbit.progress import track

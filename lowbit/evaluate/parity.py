@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
-from lowbit.evaluate.decode import decode
+from lowbit.models.decode import decode
 
 # Below this share of matched detections a runtime is reported as diverging, and its timing as failing: correct
 # runtimes sit well above it and the mis-computed graphs far below (docs/results.md, "Correct on every runtime")
@@ -105,7 +105,7 @@ def check(reference, runner, batches, nc: int, imgsz: int, card=None) -> Parity:
 
 def _aligned(out, nc: int) -> bool:
     """Raw outputs compared element by element only where anchors keep their place (not a top-k list)."""
-    from lowbit.evaluate.decode import layout_of
+    from lowbit.models.decode import layout_of
 
     try:
         return layout_of(out, nc) != "end2end"

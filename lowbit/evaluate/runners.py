@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.models.onnx_detector import openvino_model_file
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-f32")
 
@@ -146,19 +147,6 @@ class OrtRunner(_GraphRunner):
 
     def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input_name: x})
-
-
-def openvino_model_file(path: str | Path) -> Path:
-    """The file OpenVINO reads for `path`: an .onnx, an IR .xml, or the one .xml in an IR folder."""
-    path = Path(path)
-    if path.is_dir():
-        xmls = sorted(path.glob("*.xml"))
-        if len(xmls) != 1:
-            raise LowbitError(f"{path}: an OpenVINO IR folder holds one .xml model; found {len(xmls)}")
-        return xmls[0]
-    if not path.is_file():
-        raise LowbitError(f"{path}: model file not found")
-    return path
 
 
 def openvino_config(precision: str | None, threads: int | None, hint: str = "LATENCY") -> dict:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from lowbit.errors import LowbitError
 from lowbit.quantize.manifest import Manifest
 from lowbit.quantize.qdq import OPSET
+from lowbit.targets import DEFAULT_TARGET
 
 
 class ExportInfo(BaseModel):
@@ -78,7 +79,7 @@ def ultralytics_metadata(net: torch.nn.Module, imgsz: int) -> dict:
 
 
 def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest: Manifest, path: str | Path,
-                    parity_images: torch.Tensor | None = None, target: str = "tensorrt",
+                    parity_images: torch.Tensor | None = None, target: str = DEFAULT_TARGET,
                     calib_images: np.ndarray | None = None, calibration=None) -> ExportInfo:
     """Write a Q/DQ ONNX of `manifest` for `target` (lowbit.targets); with `calib_images`, activation ranges are
     calibrated on the graph, otherwise ModelOpt's are used. With `parity_images`, ONNX Runtime's raw outputs are

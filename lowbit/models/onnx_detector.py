@@ -9,7 +9,7 @@ SSD / RetinaNet / Faster R-CNN exports); boxes [B, A, 4] beside scores [B, A, C]
 cannot be read from a graph: a card or `--preprocess` sets it (Ultralytics' is the default).
 
 Decoders follow each framework's own evaluation post-processing, so lowbit's mAP is the framework's:
-- ultralytics: lowbit.evaluate.decode (Ultralytics' validator settings);
+- ultralytics: lowbit.models.decode (Ultralytics' validator settings);
 - yolox: YOLOX's `postprocess` as its COCO evaluator calls it (boxes from grid offsets and exp sizes per stride,
   score = objectness x best class score, one class per anchor, class-aware NMS at IoU 0.65, score >= 0.01);
 - boxes-scores: per class, score > 0.001, class-aware NMS at IoU 0.5, 100 per image;
@@ -75,18 +75,42 @@ def load_card(model: str | Path, preprocess: str | None = None, decoder: str | N
                           f"{err['msg']}") from None
 
 
+def openvino_model_file(path: str | Path) -> Path:
+    """The file OpenVINO reads for `path`: an .onnx, an IR .xml, or the one .xml in an IR folder."""
+    path = Path(path)
+    if path.is_dir():
+        xmls = sorted(path.glob("*.xml"))
+        if len(xmls) != 1:
+            raise LowbitError(f"{path}: an OpenVINO IR folder holds one .xml model; found {len(xmls)}")
+        return xmls[0]
+    if not path.is_file():
+        raise LowbitError(f"{path}: model file not found")
+    return path
+
+
+def read_onnx(path: str | Path):
+    """An .onnx file's graph (without external weights), or a LowbitError naming the file when it is none."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"{path}: ONNX file not found")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model, or is cut short
+        raise LowbitError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
+
+
 def graph_input_size(path: str | Path) -> int | None:
     """The square input size of a graph with a static input, else None."""
     path = Path(path)
     if path.suffix == ".onnx":
         import onnx
 
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        dims = read_onnx(path).graph.input[0].type.tensor_type.shape.dim
         hw = [d.dim_value if d.HasField("dim_value") else None for d in dims][-2:]
     else:
         import openvino as ov
-
-        from lowbit.evaluate.runners import openvino_model_file
 
         ps = ov.Core().read_model(str(openvino_model_file(path))).input(0).partial_shape
         hw = [d.get_length() if d.is_static else None for d in ps][-2:]
@@ -115,7 +139,7 @@ def _shapes(outputs) -> list[tuple]:
 
 def detect_decoder(outputs, nc: int, imgsz: int, strides: list[int]) -> str:
     """The decoder the outputs' shapes call for, or a clear error."""
-    from lowbit.evaluate.decode import REG_MAX
+    from lowbit.models.decode import REG_MAX
 
     outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     if len(outs) == 1:
@@ -136,7 +160,7 @@ def detect_decoder(outputs, nc: int, imgsz: int, strides: list[int]) -> str:
 
 def decode(outputs, card: ModelCard, nc: int, imgsz: int) -> list[torch.Tensor]:
     """Per image, an [n, 6] tensor of x1 y1 x2 y2 score class in input pixels."""
-    from lowbit.evaluate import decode as ultralytics
+    from lowbit.models import decode as ultralytics
 
     kind = card.decoder if card.decoder != "auto" else detect_decoder(outputs, nc, imgsz, card.strides)
     outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]

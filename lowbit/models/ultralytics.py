@@ -8,25 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 
 from lowbit.errors import LowbitError
+from lowbit.models.layers import LayerInfo
 
 # Layers that must never be quantized. The DFL conv is a fixed arange that decodes box
 # distributions; quantizing it alone costs YOLOv10n ~17 mAP points, and a loss-based method
 # scores it 0 because it sits outside the loss graph.
 ALWAYS_FLOAT_SUFFIXES = (".dfl.conv",)
-
-
-class LayerInfo(BaseModel):
-    name: str
-    type: str
-    weight_shape: list[int]
-    params: int
-    macs: int
-    role: str
-    quantizable: bool = True
-    reads_image: bool = False  # its input is the network's input (lowbit.formats.for_image_input)
 
 
 @dataclass
@@ -145,11 +134,6 @@ def detection_loss(net: torch.nn.Module):
         return v8DetectionLoss(net)
     finally:
         net.args = args
-
-
-def saved_blocks(net: torch.nn.Module) -> set[int]:
-    """Indices of the top-level blocks whose outputs later blocks read (Ultralytics' `save`)."""
-    return set(getattr(net, "save", []))
 
 
 def reg_max(net: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, ValidationError
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, for_image_input, parse_format
 from lowbit.io import read_json, write_json
-from lowbit.models.ultralytics import LayerInfo
+from lowbit.models.layers import LayerInfo
 
 # How weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel clip chosen
 # by the layer output error; "gptq" = GPTQ rounding (integer and FP8 grids); "output+gptq" = both; "gptq-seq" =

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format
+from lowbit.targets import DEFAULT_TARGET
 from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_layers, conv_weights, insert_activation_qdq,
                                  load_graph, write_qdq)
 
@@ -321,7 +322,7 @@ def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.nd
 
 
 def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray | None = None,
-                  target: str = "tensorrt", calibration: ActivationCalibration | None = None,
+                  target: str = DEFAULT_TARGET, calibration: ActivationCalibration | None = None,
                   progress: bool = False) -> OnnxQuantInfo:
     """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`, for `target` (lowbit.targets);
     written only when it is whole."""

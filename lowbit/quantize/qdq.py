@@ -157,14 +157,6 @@ def quantize_weight(w: np.ndarray, tf: TensorFormat, amax: np.ndarray):
     return q, np.asarray(scale, np.float32), axis, block
 
 
-def dequantized_weight(w: np.ndarray, tf: TensorFormat, amax: np.ndarray) -> np.ndarray:
-    q, scale, axis, block = quantize_weight(w, tf, amax)
-    q = q.astype(np.float32)
-    if block:
-        return q * np.repeat(scale, block, axis=1)
-    return q * (scale.reshape(-1, *([1] * (w.ndim - 1))) if axis == 0 else scale)
-
-
 @dataclass
 class ActQuant:
     """How one conv input is quantized: symmetric INT8 / FP8 (zero point 0) or asymmetric UINT8."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable
 
 from lowbit.errors import LowbitError
 from lowbit.evaluate.layer_latency import switches
 from lowbit.formats import Format, parse_format
-from lowbit.models.ultralytics import LayerInfo
+from lowbit.models.layers import LayerInfo
 from lowbit.quantize.manifest import Manifest, image_input_rule, scheme_stats
 from lowbit.sensitivity.report import SensitivityReport
 
@@ -200,4 +199,3 @@ def random_like(p: Problem, target: Manifest, low: str, high: str, seed: int) ->
     return p.manifest(f"random-{seed}-like-{target.name}", assign, {"kind": "random", "seed": seed, "like": target.name})
 
 
-POLICIES: dict[str, Callable] = {"topk": top_k, "budget": budget, "pareto": pareto, "random": random_like}

@@ -15,7 +15,8 @@ import torch
 from lowbit.data.loader import Batch
 from lowbit.errors import LowbitError
 from lowbit.formats import Format
-from lowbit.models.ultralytics import Detector, LayerInfo
+from lowbit.models.layers import LayerInfo
+from lowbit.models.ultralytics import Detector
 
 
 @dataclass

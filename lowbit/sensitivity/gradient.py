@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from lowbit.data.loader import Batch
-from lowbit.evaluate.decode import decode
+from lowbit.models.decode import decode
 from lowbit.formats import Format
 from lowbit.sensitivity.base import ScoreStore, SensitivityContext
 

@@ -60,7 +60,7 @@ def onnx_layers(model, imgsz: int) -> list:
     """LayerInfo for each scored Conv of the graph: weight shape, params and MACs at `imgsz`."""
     import onnx
 
-    from lowbit.models.ultralytics import LayerInfo
+    from lowbit.models.layers import LayerInfo
 
     weights = scored_weights(model)
     refs = conv_layers(model)

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from lowbit.io import atomic_write_bytes, atomic_write_text, read_json, write_json
-from lowbit.models.ultralytics import LayerInfo
+from lowbit.models.layers import LayerInfo
 
 REPORT_JSON = "layer-sensitivity-report.json"
 
