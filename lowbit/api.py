@@ -7,6 +7,7 @@ import ast
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -425,6 +426,9 @@ class QuantizeOnnxConfig(BaseModel):
     imgsz: int | None = Field(None, gt=0)  # default: the graph's own input size
     calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
     preprocess: str | None = None  # how the graph takes images (lowbit.models.onnx_detector), over its model card
+    # weight rounding of a uniform format on the graph: GPTQ on the calibration images' conv inputs, or nearest
+    # ("max"); a manifest carries its own
+    weight_clip: Literal["gptq", "max"] = "gptq"
 
 
 def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, progress: bool = True):
@@ -440,7 +444,7 @@ def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, pr
     run = RunDir(out, "quantize-onnx")
     run.write_json("config.json", cfg)
     manifest = (Manifest.load(cfg.manifest) if cfg.manifest
-                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats))
+                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats, cfg.weight_clip))
     t = time.perf_counter()
     card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
     images = _images(cfg.calib, imgsz, card.preprocess) if cfg.calib else None

@@ -345,6 +345,9 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
                   act_range: str = ACT_RANGE, old_act_range: Optional[str] = OLD_ACT_RANGE,
+                  clip: str = typer.Option("gptq", help="weight rounding of --format on the graph: gptq (on the "
+                                           "calibration images' conv inputs, collected with ONNX Runtime) or max "
+                                           "(round to nearest); a manifest carries its own"),
                   imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
                   preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
@@ -357,7 +360,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
         model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=formats,
         manifest=str(manifest[0]) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
-        calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess), out)
+        calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess,
+        weight_clip=clip), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
                   f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
@@ -453,10 +457,11 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folde
          quick: bool = typer.Option(False, hidden=True, help="the same study at a toy size, for tests")):
     """Which layers of YOLOv10n can take low precision, what the schemes score and how fast they really run, on the
     model and COCO images lowbit carries (CPU, a few minutes)."""
-    from lowbit.study import run_demo
+    from lowbit.study import demo_target, run_demo
 
     console.print("[bold]lowbit demo[/]: YOLOv10n; label-free sensitivity on 16 COCO train2017 images; four schemes "
-                  "exported for OpenVINO on this CPU, scored and timed there; 32 COCO val2017 images")
+                  f"exported for OpenVINO on this CPU (target {demo_target()}), scored and timed there beside the float "
+                  "model; 32 COCO val2017 images")
     summary, reports = run_demo(out, quick=quick)
     for method, rep in reports.items():
         console.print(sensitivity_table(rep, f"layer sensitivity ({method}): the most and the least sensitive layers"))

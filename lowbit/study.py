@@ -490,6 +490,14 @@ def _export_recommended(ctx: StudyContext, best: SchemeResult) -> dict:
     return out
 
 
+def demo_target() -> str:
+    """The demo builds and times its artifacts on the CPU it runs on, so it writes them for that CPU: symmetric INT8
+    activations where AMX runs them (openvino-amx), asymmetric UINT8 elsewhere (openvino-cpu)."""
+    from lowbit.evaluate.bench import host_cpu
+
+    return "openvino-amx" if "amx_int8" in host_cpu()["isa"] else "openvino-cpu"
+
+
 def run_demo(out: str | Path | None = None, progress: bool = True, quick: bool = False) -> tuple[dict, dict]:
     """The demo study on the carried YOLOv10n and images (lowbit/assets/study-demo.yaml): (study summary,
     {method: sensitivity report}). A re-run with the same `out` resumes from the study's cache. `quick`: the same
@@ -498,6 +506,7 @@ def run_demo(out: str | Path | None = None, progress: bool = True, quick: bool =
 
     out = Path(out or "runs/demo")
     cfg = StudyConfig.load(demo_assets()["study"])
+    cfg = cfg.model_copy(update={"target": demo_target()})
     if quick:
         cfg = cfg.model_copy(update={"imgsz": 160, "speed_reps": 3, "throughput_rounds": 2, "error_halves": 20,
                                      "calib": cfg.calib.model_copy(update={"max_images": 8}),

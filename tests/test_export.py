@@ -30,7 +30,7 @@ def _mixed(tiny, formats):
 def test_weight_only_mixed_int4_int8_matches_pytorch(tmp_path, tiny, tiny_batches):
     m = _mixed(tiny, ["W4A16", "W8A16", "W4A16:pt"])
     q = apply_manifest(tiny, m, tiny_batches)
-    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "m.onnx", parity_images=tiny_batches[0].images)
+    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "m.onnx", parity_images=tiny_batches[0].images, target="tensorrt")
     model = onnx.load(info.path)
     assert model.opset_import[0].version == 21
     w4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
@@ -47,7 +47,7 @@ def test_int8_and_fp8_activations_run_in_onnx_runtime(tmp_path, tiny, tiny_batch
     for fmts, dtype in ((["W8A8"], "int8"), (["W8A8-FP8", "W4A8-FP8"], "fp8")):
         m = _mixed(tiny, fmts)
         q = apply_manifest(tiny, m, tiny_batches)
-        info = export_qdq_onnx(tiny.net, q, m, tmp_path / f"{dtype}.onnx")
+        info = export_qdq_onnx(tiny.net, q, m, tmp_path / f"{dtype}.onnx", target="tensorrt")
         assert info.activation_qdq == len(m.layers)
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(info.path).graph.initializer}
         for layer in ("model.0.conv", "model.9.cv2.conv", "model.23.cv3.0.2"):  # the scales ModelOpt calibrated
@@ -77,7 +77,7 @@ def test_fp8_schemes_read_the_image_in_int8(tmp_path, tiny, tiny_batches):
     assert "image_input" not in Manifest.uniform("yolov10n.yaml", layers, "W8A8").origin  # INT8 is left alone
 
     q = apply_manifest(tiny, m, tiny_batches)
-    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "fp8.onnx")
+    info = export_qdq_onnx(tiny.net, q, m, tmp_path / "fp8.onnx", target="tensorrt")
     zero_points = {i.name: i.data_type for i in onnx.load(info.path).graph.initializer if i.name.endswith(".input_zp")}
     assert zero_points.pop("model.0.conv.input_zp") == onnx.TensorProto.INT8
     assert set(zero_points.values()) == {onnx.TensorProto.FLOAT8E4M3FN}
@@ -105,7 +105,7 @@ def test_real_model_map_agrees_with_pytorch(tmp_path, yolov10n, demo_val, demo_c
 
     m = Manifest.uniform(yolov10n.source, yolov10n.layers(), "W4A16")
     q = apply_manifest(yolov10n, m, demo_calib_batches)
-    info = export_qdq_onnx(yolov10n.net, q, m, tmp_path / "w4.onnx")
+    info = export_qdq_onnx(yolov10n.net, q, m, tmp_path / "w4.onnx", target="tensorrt")
     ds = demo_val.subset(8)
     pt = evaluate(q, ds, yolov10n.names, progress=False, warmup=0).map50_95
     ox = evaluate(info.path, ds, yolov10n.names, progress=False, warmup=0).map50_95
@@ -116,7 +116,7 @@ def test_block_size_must_divide_channels(tmp_path, tiny, tiny_batches):
     m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W4A16:b16")
     q = apply_manifest(tiny, m, tiny_batches)
     with pytest.raises(LowbitError, match="layer model.0.conv: block size 16 does not divide 3 input channels"):
-        export_qdq_onnx(tiny.net, q, m, tmp_path / "b.onnx")
+        export_qdq_onnx(tiny.net, q, m, tmp_path / "b.onnx", target="tensorrt")
 
 
 def test_bench_times_present_runtimes_checks_outputs_and_lists_absent_ones(tmp_path, tiny, tiny_batches, monkeypatch):
@@ -178,16 +178,16 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     assert len(conv_layers(float_model)) == 83 and [o.name for o in float_model.graph.output] == ["output0"]
     x = tiny_batches[0].images[:1]
     ref = OrtRunner(src)(x)
-    m = uniform_manifest(float_model, str(src), "W8A16")
+    m = uniform_manifest(float_model, str(src), "W8A16", "max")
     assert "model.23.dfl.conv" not in m.layers and len(m.layers) == 82
     w8 = quantize_onnx(src, m, tmp_path / "w8.onnx")
     out = OrtRunner(w8.path)(x)
     assert w8.weight_dtypes == {"int8": 82} and torch.allclose(out, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
     # full-range INT4 scales (the default): the same codes as the PyTorch path's
-    w4m = uniform_manifest(float_model, str(src), "W4A16")
+    w4m = uniform_manifest(float_model, str(src), "W4A16", "max")
     native = quantize_onnx(src, w4m, tmp_path / "w4n.onnx", target="size")
     assert native.deployable and not targets.check("openvino-cpu", w4m).deployable
-    via_torch = export_qdq_onnx(tiny.net, apply_manifest(tiny, w4m, tiny_batches), w4m, tmp_path / "w4t.onnx")
+    via_torch = export_qdq_onnx(tiny.net, apply_manifest(tiny, w4m, tiny_batches), w4m, tmp_path / "w4t.onnx", target="tensorrt")
     codes = [{i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(e.path).graph.initializer
               if i.data_type == onnx.TensorProto.INT4} for e in (native, via_torch)]
     assert codes[0].keys() == codes[1].keys() and len(codes[0]) == 82
@@ -217,14 +217,47 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
     assert torch.allclose(OrtRunner(s8.path)(x), OrtRunner(u8.path)(x), atol=0.2 * float(ref.abs().max()))
     with pytest.raises(LowbitError, match="activation formats need calibration images"):
-        quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8"), tmp_path / "x.onnx")
+        quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8", "max"), tmp_path / "x.onnx")
     bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")}, weight_clip="max")
     with pytest.raises(LowbitError, match="names layer 'model.99.conv'"):
         quantize_onnx(src, bad, tmp_path / "y.onnx")
     gptq = Manifest(name="g", model=str(src), layers={"model.0.conv": parse_format("W4A16")}, weight_clip="gptq")
-    with pytest.raises(LowbitError, match="asks for gptq weight rounding, which needs the PyTorch model"):
+    with pytest.raises(LowbitError, match="GPTQ weight rounding on the graph needs calibration images"):
         quantize_onnx(src, gptq, tmp_path / "z.onnx")
+    seq = gptq.model_copy(update={"weight_clip": "gptq-seq"})
+    with pytest.raises(LowbitError, match="asks for gptq-seq weight rounding, which needs the PyTorch model"):
+        quantize_onnx(src, seq, tmp_path / "z.onnx")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "z.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["W4A16", "W8A16"])
+def test_gptq_on_the_graph_keeps_the_grid_and_lowers_the_output_error(tmp_path, tiny, tiny_batches, fmt):
+    """GPTQ on an ONNX graph (conv input statistics from ONNX Runtime): every weight stays on the grid plain
+    rounding writes (same scales), some round the other way, and the network's output on the calibration images
+    moves closer to the float graph's than with plain rounding, as GPTQ promises."""
+    from lowbit.evaluate.runners import OrtRunner
+    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+
+    float_model = export_float_onnx(tiny.net, 64)
+    src = tmp_path / "float.onnx"
+    src.write_bytes(float_model.SerializeToString())
+    images = torch.cat([b.images for b in tiny_batches]).numpy()
+    got = {}
+    for clip in ("max", "gptq"):
+        info = quantize_onnx(src, uniform_manifest(float_model, str(src), fmt, clip), tmp_path / f"{clip}.onnx", images,
+                             "size")
+        got[clip] = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(info.path).graph.initializer
+                     if i.name.endswith((".weight_q", ".weight_scale"))}
+    assert got["max"].keys() == got["gptq"].keys() and len(got["max"]) == 2 * 82
+    scales = [k for k in got["max"] if k.endswith("_scale")]
+    assert all(np.array_equal(got["max"][k], got["gptq"][k]) for k in scales)  # the same grid
+    codes = [k for k in got["max"] if k.endswith("_q")]
+    moved = sum(int((got["max"][k].astype(np.int32) != got["gptq"][k].astype(np.int32)).sum()) for k in codes)
+    assert moved > 0
+    x = torch.from_numpy(images)
+    ref = OrtRunner(src)(x)
+    err = {clip: float(((OrtRunner(tmp_path / f"{clip}.onnx")(x) - ref) ** 2).mean()) for clip in got}
+    assert err["gptq"] < err["max"], err
 
 
 def test_calibrators_choose_the_ranges_they_promise():
@@ -311,7 +344,7 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     from lowbit.sensitivity.report import build_report
 
     m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
-    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
+    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="tensorrt")
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
     table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2, probe_switches=False)
     layers = table["layers"]
@@ -367,7 +400,7 @@ def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches
     from lowbit.sensitivity.report import build_report
 
     m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
-    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx")
+    q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="tensorrt")
     onnx.save(export_float_onnx(tiny.net, m.imgsz), str(tmp_path / "f.onnx"))
     edges = conv_edges(tmp_path / "f.onnx")
     assert ("model.0.conv", "model.1.conv") in edges
@@ -413,7 +446,7 @@ def test_qdq_rules_hold_for_lowbit_exports_and_catch_broken_graphs(tmp_path, tin
     from lowbit.export.qdq_lint import check_qdq
 
     m = _mixed(tiny, ["W8A8"])
-    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "w8a8.onnx")
+    info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "w8a8.onnx", target="tensorrt")
     rep = check_qdq(info.path)
     assert rep.violations() == []
     assert rep.weight_quantized == rep.input_quantized == len(m.layers)  # every conv but the DFL decoder

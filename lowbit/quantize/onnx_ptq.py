@@ -86,15 +86,23 @@ class InputStats:
 
 
 def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_per_image: int = 2048,
-                        progress: bool = False) -> dict[str, InputStats]:
+                        progress: bool = False, gram_convs: dict[str, ConvRef] | None = None):
     """Statistics of `tensors` (graph tensors) over `images` ([N, C, H, W] as the graph takes them), from one
-    ONNX Runtime pass of the float graph with those tensors as extra outputs."""
+    ONNX Runtime pass of the float graph with those tensors as extra outputs. With `gram_convs` ({layer: conv}),
+    the same pass also sums each conv's input-patch Gram matrix for GPTQ, and (stats, {layer: InputGram}) is
+    returned."""
     import onnx
     import onnxruntime as ort
+    import torch
 
     from lowbit.progress import track
+    from lowbit.quantize.refine import InputGram
 
+    gram_convs = gram_convs or {}
     stats = {t: InputStats() for t in tensors}
+    grams = {n: InputGram() for n in gram_convs}
+    shells = {n: _conv_shell(model, ref) for n, ref in gram_convs.items()}
+    wanted = sorted(set(tensors) | {ref.input for ref in gram_convs.values()})
     rng = np.random.default_rng(0)
     inputs = {i.name for i in model.graph.input}
     probe = onnx.ModelProto()
@@ -102,20 +110,45 @@ def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_p
     existing = {o.name for o in probe.graph.output}
     # A graph input asked back as an output comes out of ONNX Runtime as garbage (seen: 1e16, changing between
     # calls): its values are the images themselves.
-    inner = [t for t in tensors if t not in inputs]
+    inner = [t for t in wanted if t not in inputs]
     probe.graph.output.extend([onnx.ValueInfoProto(name=t) for t in inner if t not in existing])
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise LowbitError(f"ONNX Runtime cannot run the float graph ({str(e).splitlines()[0][:200]})") from None
     name = sess.get_inputs()[0].name
-    for x in track(images, "calibrating activations", enabled=progress):
+    what = "calibrating activations" + (" and GPTQ statistics" if grams else "")
+    for x in track(images, what, enabled=progress):
         x = x[None].astype(np.float32)
         outs = dict(zip(inner, sess.run(inner, {name: feed(sess, x)}))) if inner else {}
         for t in tensors:
             v = x if t in inputs else outs[t]
             stats[t].add(v, max(4, samples_per_image // max(v.shape[1], 1)), rng)
-    return stats
+        for n, ref in gram_convs.items():
+            v = x if ref.input in inputs else outs[ref.input]
+            shell, pads = shells[n]
+            v = torch.from_numpy(np.ascontiguousarray(v.reshape(1, *v.shape[-3:])))
+            grams[n](shell, (torch.nn.functional.pad(v, pads) if any(pads) else v,), None)
+    return (stats, grams) if gram_convs else stats
+
+
+def _conv_shell(model, ref: ConvRef):
+    """(a weightless torch Conv2d with the ONNX Conv's geometry, extra (left, right, top, bottom) input padding
+    where the graph pads asymmetrically), for lowbit.quantize.gptq.patches."""
+    import torch
+
+    attrs = {a.name: list(a.ints) if a.ints else a.i for a in ref.node.attribute}
+    shape = conv_weights(model, {"w": ref})["w"].shape
+    k = tuple(attrs.get("kernel_shape") or shape[2:])
+    pads = attrs.get("pads") or [0] * 4  # [top, left, bottom, right]
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", 0):
+        raise LowbitError(f"{ref.node.name}: auto_pad convs are not supported by GPTQ on the graph")
+    symmetric = pads[0] == pads[2] and pads[1] == pads[3]
+    groups = int(attrs.get("group", 1))
+    shell = torch.nn.Conv2d(shape[1] * groups, shape[0], k, tuple(attrs.get("strides") or (1, 1)),
+                            (pads[0], pads[1]) if symmetric else 0, tuple(attrs.get("dilations") or (1, 1)), groups,
+                            bias=False, device="meta")
+    return shell, ((0, 0, 0, 0) if symmetric else (pads[1], pads[3], pads[0], pads[2]))
 
 
 def feed(sess, x: np.ndarray) -> np.ndarray:
@@ -211,7 +244,9 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     FP8 activations are always symmetric. Activation ranges come from calibrating on `images`, or, without
     images, from `act_amax` (layer -> max |input|, e.g. ModelOpt's calibration). `weights(layer)`, when given,
     returns (float weight, amax) for a layer (a PyTorch checkpoint's GPTQ-rounded or fine-tuned weights);
-    otherwise weights come from the graph at the manifest's weight range. Returns what was written."""
+    otherwise weights come from the graph at the manifest's weight range, rounded to nearest (weight_clip "max")
+    or by GPTQ on input statistics ONNX Runtime collects from `images` (weight_clip "gptq", as the PyTorch path
+    rounds with the float model's inputs). Returns what was written."""
     cal = calibration or ActivationCalibration()
     layers = conv_layers(model) if layers is None else layers
     missing = [n for n in manifest.layers if n not in layers]
@@ -219,13 +254,36 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
         raise LowbitError(f"manifest {manifest.name!r} names layer {missing[0]!r}, which no Conv of this graph is "
                           f"({len(missing)} such layers; the graph's layers: {', '.join(list(layers)[:4])}...)")
     graph_w = conv_weights(model, {n: layers[n] for n in manifest.layers})
+    from lowbit.quantize.refine import gptq_roundable
+
+    if weights is None and manifest.weight_clip not in ("max", "gptq"):
+        raise LowbitError(f"manifest {manifest.name!r} asks for {manifest.weight_clip} weight rounding, which needs the "
+                          "PyTorch model: materialize it with `lowbit quantize -m MODEL --manifest M.json`, then "
+                          "`lowbit export`; on the graph lowbit rounds to nearest (\"max\") or by GPTQ (\"gptq\")")
+    gptq_convs = {n: layers[n] for n, f in manifest.layers.items()
+                  if weights is None and manifest.weight_clip == "gptq" and gptq_roundable(f.weight)}
+    if gptq_convs and (images is None or not len(images)):
+        raise LowbitError("GPTQ weight rounding on the graph needs calibration images (--calib), or plain rounding "
+                          "(--clip max)")
+    rounded: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def weight_of(layer: str) -> tuple[np.ndarray, np.ndarray | None]:
         if weights is not None:
             return weights(layer)
-        fmt = manifest.layers[layer]
-        w = graph_w[layer]
-        return w, (weight_amax(w, fmt, manifest.weight_range) if fmt.weight is not None else None)
+        if layer not in rounded:
+            fmt = manifest.layers[layer]
+            w = graph_w[layer]
+            amax = weight_amax(w, fmt, manifest.weight_range) if fmt.weight is not None else None
+            if layer in grams and grams[layer].h is not None:
+                import torch
+
+                from lowbit.quantize.gptq import gptq_weight
+
+                g = grams[layer]
+                w = gptq_weight(torch.from_numpy(w), g.h / max(g.n, 1), torch.from_numpy(np.asarray(amax)),
+                                int(fmt.weight.bits), fp8=fmt.weight.dtype == "fp8").numpy()
+            rounded[layer] = (w, amax)
+        return rounded[layer]
 
     act_layers = [n for n, f in manifest.layers.items() if f.act is not None]
     groups = []
@@ -235,10 +293,14 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
                               "front of each conv (a target with consumer placement, e.g. tensorrt)")
         groups = activation_groups(model, layers, act_layers)
     stats: dict[str, InputStats] = {}
-    if act_layers and images is not None and len(images):
-        tensors = sorted({t for src, _ in groups for t in src} if groups else {layers[n].input for n in act_layers})
-        stats = collect_input_stats(model, tensors, images, cal.samples_per_image, progress)
-    elif act_layers and act_amax is None:
+    grams: dict = {}
+    calibrate = bool(act_layers) and images is not None and len(images)
+    if calibrate or gptq_convs:
+        tensors = [] if not calibrate else sorted({t for src, _ in groups for t in src} if groups
+                                                   else {layers[n].input for n in act_layers})
+        got = collect_input_stats(model, tensors, images, cal.samples_per_image, progress, gptq_convs)
+        stats, grams = got if gptq_convs else (got, {})
+    if act_layers and not calibrate and act_amax is None:
         raise LowbitError("activation formats need calibration images")
 
     def from_amax(served: list[str], dtype: str) -> ActQuant:
@@ -329,10 +391,6 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     from lowbit import targets
 
     tgt = targets.get_target(target)
-    if manifest.weight_clip != "max" and any(f.weight is not None for f in manifest.layers.values()):
-        raise LowbitError(f"manifest {manifest.name!r} asks for {manifest.weight_clip} weight rounding, which needs the "
-                          "PyTorch model: materialize it with `lowbit quantize -m MODEL --manifest M.json`, then "
-                          "`lowbit export`; or set its weight_clip to \"max\" for plain rounding on the graph")
     model = load_graph(src)
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
@@ -361,13 +419,14 @@ def write_graph(model, out: str | Path, written, layers: dict, target: str, what
     return data, targets.check(target, written, conv_groups(layers))
 
 
-def uniform_manifest(model, path: str, fmt: str | Format) -> "Manifest":  # noqa: F821
-    """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph (weight_clip "max")."""
+def uniform_manifest(model, path: str, fmt: str | Format, weight_clip: str = "gptq") -> "Manifest":  # noqa: F821
+    """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph: by GPTQ ("gptq") or to nearest
+    ("max")."""
     from lowbit.formats import parse_format
     from lowbit.quantize.manifest import Manifest, image_input_rule
     from lowbit.quantize.qdq import image_convs, uniform_layers
 
     fmt = parse_format(fmt)
     layers, image = image_input_rule(uniform_layers(model, fmt), image_convs(model))
-    return Manifest(name=fmt.name, model=str(path), layers=layers, weight_clip="max",
+    return Manifest(name=fmt.name, model=str(path), layers=layers, weight_clip=weight_clip,
                     origin={"kind": "onnx-native", **image})
