@@ -531,13 +531,23 @@ def main() -> None:
         err = e.errors()[0]
         console.print(f"[bold red]error:[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        _interrupted()
     except SystemExit as e:  # typer ends every command this way; only a non-zero code is a failure
+        if e.code == 130:  # click's own word for Ctrl-C
+            _interrupted()
         if e.code not in (0, None):
             _mark_failed(e)
         raise
-    except (Exception, KeyboardInterrupt) as e:
+    except Exception as e:
         _mark_failed(e)
         raise
+
+
+def _interrupted() -> None:
+    _mark_failed(KeyboardInterrupt("interrupted (Ctrl-C); a study re-run with the same --out resumes"))
+    console.print("[bold red]interrupted[/] (Ctrl-C); nothing half-written was kept")
+    sys.exit(130)
 
 
 def _mark_failed(error: BaseException) -> None:

@@ -84,3 +84,24 @@ def test_letterbox_and_targets_match_ultralytics_geometry(demo_val):
     np.testing.assert_allclose(back.numpy(), batch.items[0].record.boxes[:, 1:], atol=0.6)
     gain, px, py = letterbox_geometry(batch.items[0].orig_shape, 640)
     assert gain > 0 and (px == 0 or py == 0)
+
+
+def test_bad_boxes_and_truncated_images_are_refused_by_name(tmp_path, assets):
+    """A box of negative size would silently lower mAP; a truncated JPEG would calibrate (and score) on a half-grey
+    image with only libjpeg's stderr line: both are refused, naming the file."""
+    src = Path(assets["val"])
+    coco = json.loads(src.read_text())
+    coco["annotations"][3]["bbox"][2] = -5.0
+    (tmp_path / "annotations").mkdir()
+    bad = tmp_path / "annotations" / "bad.json"
+    bad.write_text(json.dumps(coco))
+    with pytest.raises(LowbitError, match=r"bad.json: annotation .* negative size -5.0"):
+        load_dataset(bad, src.parent.parent / "images")
+    images = tmp_path / "images"
+    images.mkdir()
+    whole = sorted(Path(assets["calib"]).glob("*.jpg"))[0].read_bytes()
+    (images / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LowbitError, match="cut.jpg: truncated JPEG"):
+        make_batches(load_dataset(images), 64, 1)
+    (images / "cut.jpg").write_bytes(whole)  # the same file whole loads
+    assert make_batches(load_dataset(images), 64, 1)[0].images.shape == (1, 3, 64, 64)

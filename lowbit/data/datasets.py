@@ -108,6 +108,9 @@ def _from_coco_json(json_path: Path, image_dir: Path | None) -> Dataset:
         if a.get("iscrowd", 0):
             continue
         x, y, w, h = a["bbox"]
+        if w < 0 or h < 0:
+            raise LowbitError(f"{json_path}: annotation {a.get('id', '?')} of image {a['image_id']} has a box of negative "
+                              f"size {w} x {h} (COCO boxes are [x, y, width, height])")
         boxes.setdefault(a["image_id"], []).append([cls_of[a["category_id"]], x, y, x + w, y + h])
     records = []
     for im in sorted(coco["images"], key=lambda r: r["file_name"]):

@@ -98,8 +98,21 @@ def letterbox_geometry(orig_shape: tuple[int, int], imgsz: int) -> tuple[float, 
     return gain, pad_x, pad_y
 
 
+def truncated_jpeg(path) -> bool:
+    """A JPEG file cut short: it does not end with the end-of-image marker (FF D9), padding aside."""
+    if str(path).lower().rsplit(".", 1)[-1] not in ("jpg", "jpeg"):
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 64))
+        tail = f.read()
+    return not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def letterbox(record: ImageRecord, imgsz: int, pre: Preprocess | None = None) -> Letterboxed:
     pre = pre or Preprocess()
+    if truncated_jpeg(record.path):  # libjpeg decodes what is there, grey below, and only warns on stderr
+        raise LowbitError(f"{record.path}: truncated JPEG (no end-of-image marker); re-copy or remove it")
     img = cv2.imread(str(record.path))  # BGR
     if img is None:
         raise LowbitError(f"{record.path}: cannot read image")
