@@ -225,13 +225,17 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
 @app.command()
 def study(config: Optional[Path] = typer.Argument(None, help="study yaml (see configs/)"),
           old_config: Optional[Path] = typer.Option(None, "--config", "-c", hidden=True), out: Optional[Path] = OUT):
-    """Baseline -> sensitivity -> schemes -> materialize -> evaluate -> report; cached stages, so re-runs redo only what changed."""
+    """Baseline -> sensitivity -> schemes -> materialize -> evaluate -> report; cached stages, so re-runs redo only what
+    changed. Started by torchrun (`torchrun --nproc-per-node N $(which lowbit) study CONFIG`, `--nnodes` for several
+    hosts), the schemes are spread over the workers."""
     from lowbit.study import StudyConfig, run_study
 
     if (config is None) == (old_config is None):
         raise LowbitError("give the study's yaml: lowbit study CONFIG.yaml")
     cfg = StudyConfig.load(config or old_config)
     summary = run_study(cfg, out)
+    if "rank" in summary:  # one of several workers (torchrun): rank 0 prints
+        return
     console.print(study_table(summary, f"study {cfg.name} (target {cfg.target})"))
     _print_speed_and_pick(summary, Path(summary["folder"]))
     console.print(f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache")
@@ -489,7 +493,8 @@ def _print_speed_and_pick(summary: dict, folder: Path) -> None:
         console.print("recommended: none of the schemes meets the accuracy bounds")
         return
     where = f" -> {folder / 'recommended.onnx'}" if (folder / "recommended.onnx").is_file() else ""
-    console.print(f"recommended (by {summary.get('decide_by', 'latency')}): [bold]{summary['recommended']}[/]{where}"
+    by = f" (by {summary.get('decide_by', 'latency')})" if speed.get("rows") else ""
+    console.print(f"recommended{by}: [bold]{summary['recommended']}[/]{where}"
                   + (f" and {summary['openvino_ir']}" if summary.get("openvino_ir") else ""))
     if summary.get("why"):
         console.print(f"  why the float model: {summary['why']}")

@@ -67,19 +67,17 @@ class RunDir:
 
     opened: list["RunDir"] = []  # this process's runs, for the CLI to mark the failed ones
 
-    def __init__(self, root: str | Path | None, kind: str):
-        if root is None:
-            root = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    def __init__(self, root: str | Path | None, kind: str, log_name: str = "run.log"):
         from lowbit.errors import LowbitError
 
-        self.path = Path(root)
+        self.path = Path(root or RunDir.default_root(kind))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise LowbitError(f"{self.path}: the run folder (--out) is a file or lies under one") from None
         self.log = logging.getLogger(f"lowbit.{kind}")
         self.log.setLevel(logging.INFO)
-        handler = logging.FileHandler(self.path / "run.log")
+        handler = logging.FileHandler(self.path / log_name)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.handlers = [handler]
         self.log.propagate = False
@@ -87,6 +85,10 @@ class RunDir:
         logging.getLogger("py.warnings").handlers = [logging.NullHandler(), handler]
         (self.path / "FAILED").unlink(missing_ok=True)  # a re-run (resuming a study) starts clean
         RunDir.opened.append(self)
+
+    @staticmethod
+    def default_root(kind: str) -> Path:
+        return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def fail(self, error: BaseException) -> None:
         self.log.error("failed: %s", error)

@@ -64,6 +64,8 @@ class FinetuneSpec(BaseModel):
     schemes: list[str] = Field(default_factory=lambda: ["W4A16"])  # scheme names
     recipe: str = "mixed"  # lowbit.finetune.blockwise.RECIPES
     config: AdaRoundConfig | None = None  # overrides the recipe, whole
+    # batch-order seeds, one fine-tune each (`<scheme>+ft-s<seed>`); default: the recipe's own seed (`<scheme>+ft`)
+    seeds: list[int] | None = None
 
     def algorithm(self) -> AdaRoundConfig:
         return get_recipe(self.recipe, self.config)
@@ -223,6 +225,18 @@ class StudyContext:
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """The study, in this process or, started by `torchrun`, spread over its workers (lowbit.distributed): each
+    worker scores its share of the schemes and fine-tunes, rank 0 writes the report and times the artifacts and
+    returns the summary (the other workers return {"rank": r})."""
+    from lowbit import distributed
+
+    workers = distributed.start(cfg.device)
+    summary = _run_study(cfg, out, progress, workers)
+    distributed.stop(workers)  # on an error the process ends instead, and torchrun stops the other workers
+    return summary
+
+
+def _run_study(cfg: StudyConfig, out: str | Path | None, progress: bool, workers) -> dict:
     import shutil
 
     import onnx
@@ -233,8 +247,13 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     from lowbit.progress import step
     from lowbit.report.study_report import write_study_report
 
-    run = RunDir(out, "study")
-    run.write_json("config.json", cfg)
+    if workers.world > 1:
+        cfg = cfg.model_copy(update={"device": workers.device})
+        out = workers.broadcast(str(out or RunDir.default_root("study")))
+        progress = progress and workers.leader
+    run = RunDir(out, "study", log_name="run.log" if workers.leader else f"run.rank{workers.rank}.log")
+    if workers.leader:
+        run.write_json("config.json", cfg)
     log = run.log
     tgt = targets.get_target(cfg.target)
     det = load_detector(cfg.model, cfg.imgsz)
@@ -243,13 +262,18 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
     evalset, data_key, work, grams, batches = ctx.evalset, ctx.data_key, ctx.work, ctx.grams, ctx.batches
     groups = ctx.groups
 
-    def evaluate_scheme(m: Manifest | None) -> SchemeResult:
-        """A scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime (the float
-        model as lowbit's float export); any other, and every scheme of a `size` study, as PyTorch fake quant."""
+    def eval_stage(m: Manifest | None):
+        """(the scheme's stage, the target's verdict on it, whether it is scored as a graph)."""
         verdict = targets.check(cfg.target, m, groups) if m is not None else None
         graph = tgt.name != "size" and (verdict is None or verdict.deployable)
         how = (cfg.target, cfg.activation.model_dump()) if graph else "torch"
         st = ctx.stage("eval", data_key, m.model_dump(mode="json", exclude={"name", "origin"}) if m else "FP32", how)
+        return st, verdict, graph
+
+    def evaluate_scheme(m: Manifest | None) -> SchemeResult:
+        """A scheme the target runs in low precision is scored as its Q/DQ ONNX on the target's runtime (the float
+        model as lowbit's float export); any other, and every scheme of a `size` study, as PyTorch fake quant."""
+        st, verdict, graph = eval_stage(m)
         if st.done:
             work["cached"] += 1
             res = _load_result(st)
@@ -289,13 +313,52 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
         log.info("%s: mAP50-95 %.4f on %s (%.1f s)", manifest.name, res.map50_95, res.runtime, out.seconds)
         return out
 
-    baseline = evaluate_scheme(None)
-    baseline.manifest.stats = Manifest.uniform(cfg.model, det.layers(), "FP16").stats
+    reports, sens_path, manifests = _schemes(ctx) if workers.leader else ({}, None, None)
+    manifests = workers.broadcast(manifests)
+    todo: list[Manifest | None] = [None, *manifests]
+    # schemes with the same layers share one stage: dealt out once, so no two workers write one stage
+    for m in workers.share(list({eval_stage(m)[0].key: m for m in todo}.values())):
+        evaluate_scheme(m)
+    workers.barrier()
+    done = workers.sum(dict(work))
+    results = [evaluate_scheme(m) for m in todo]  # every worker's results, from the stage cache
+    work.update(done)
+    results[0].manifest.stats = Manifest.uniform(cfg.model, det.layers(), "FP16").stats
+    if cfg.finetune is not None:
+        results += _finetune_stage(ctx, results, workers)
+    if not workers.leader:
+        return {"rank": workers.rank}
+    speed = _speed_stage(ctx, results) if tgt.speed else None
+    errors = ctx.stage("errors", data_key, cfg.error_halves).path / "delta-se.json"
+    summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors),
+                                 speed)
+    best = next((r for r in results if r.manifest.name == summary["recommended"]), None)
+    if best is not None and best.artifact:
+        shutil.copy(run.path / best.artifact, run.file("recommended.onnx"))
+        if tgt.runtime == "openvino":  # also as the IR Ultralytics and OpenVINO load directly
+            from lowbit.export.openvino_ir import save_openvino_ir
+
+            summary["openvino_ir"] = str(save_openvino_ir(run.file("recommended.onnx"),
+                                                          run.file("recommended_openvino_model")))
+    elif best is not None and tgt.name == "size":
+        summary["onnx"] = _export_recommended(ctx, best)
+    summary["work"] = work
+    summary["workers"] = workers.world
+    summary["folder"] = str(run.path)
+    summary["sensitivity"] = {m: str((sens_path / m).relative_to(run.path)) for m in reports} if reports else {}
+    run.write_json("summary.json", summary)
+    return summary
+
+
+def _schemes(ctx: StudyContext) -> tuple[dict[str, SensitivityReport], Path | None, list[Manifest]]:
+    """(sensitivity reports, their stage folder, the study's schemes): the uniform formats, each search's
+    allocations from the sensitivity stage, and the config's own manifests."""
+    cfg, det, batches, data_key, progress = ctx.cfg, ctx.det, ctx.batches, ctx.data_key, ctx.progress
     manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip,
                                                   imgsz=cfg.imgsz, weight_range=cfg.weight_range) for f in cfg.uniform]
 
     reports: dict[str, SensitivityReport] = {}
-    sens_dir = None
+    sens_dir = sens_path = None
     searches = cfg.search
     if cfg.sensitivity is not None or any(s.budgets or s.topk or s.pareto_points for s in searches):
         formats = list(dict.fromkeys(f for s in searches for f in s.formats))
@@ -319,29 +382,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, progress: bool = 
             reuse = sens_dir if spec_i.formats == scfg.formats else None  # ModelOpt checks the formats match
             manifests += search(ctx, spec_i, reports, scoring, reuse)
     manifests += [Manifest.load(s) for s in cfg.schemes]
-
-    results = [baseline] + [evaluate_scheme(m) for m in manifests]
-    if cfg.finetune is not None:
-        results += _finetune_stage(ctx, results)
-    speed = _speed_stage(ctx, results) if tgt.speed else None
-    errors = ctx.stage("errors", data_key, cfg.error_halves).path / "delta-se.json"
-    summary = write_study_report(cfg, results, reports, run.path, _delta_errors(results, evalset, cfg.error_halves, errors),
-                                 speed)
-    best = next((r for r in results if r.manifest.name == summary["recommended"]), None)
-    if best is not None and best.artifact:
-        shutil.copy(run.path / best.artifact, run.file("recommended.onnx"))
-        if tgt.runtime == "openvino":  # also as the IR Ultralytics and OpenVINO load directly
-            from lowbit.export.openvino_ir import save_openvino_ir
-
-            summary["openvino_ir"] = str(save_openvino_ir(run.file("recommended.onnx"),
-                                                          run.file("recommended_openvino_model")))
-    elif best is not None and tgt.name == "size":
-        summary["onnx"] = _export_recommended(ctx, best)
-    summary["work"] = work
-    summary["folder"] = str(run.path)
-    summary["sensitivity"] = {m: str((sens_path / m).relative_to(run.path)) for m in reports} if reports else {}
-    run.write_json("summary.json", summary)
-    return summary
+    return reports, sens_path, manifests
 
 
 def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityReport], scoring_batches=None,
@@ -387,21 +428,39 @@ def _modelopt_manifests(ctx: StudyContext, s: SearchSpec, problem, calib_batches
 
 
 
-def _finetune_stage(ctx: StudyContext, results: list[SchemeResult]) -> list[SchemeResult]:
-    """Fine-tune each named scheme from the float model on the calibration images (never the evaluation set)."""
+def _finetune_stage(ctx: StudyContext, results: list[SchemeResult], workers=None) -> list[SchemeResult]:
+    """Fine-tune each named scheme from the float model on the calibration images (never the evaluation set);
+    with several workers, each tunes its share and every worker then reads all from the stage cache."""
+    from lowbit.distributed import Workers
+
+    workers = workers or Workers(device=ctx.cfg.device)
+    spec = ctx.cfg.finetune
+    pieces = [(name, seed) for name in dict.fromkeys(spec.schemes) for seed in (spec.seeds or [None])]
+    before = dict(ctx.work)
+    for piece in workers.share(pieces):
+        _finetune_stage_one(ctx, results, [piece])
+    workers.barrier()
+    done = workers.sum({k: ctx.work[k] - before[k] for k in before})
+    out = _finetune_stage_one(ctx, results, pieces)
+    ctx.work.update({k: before[k] + done[k] for k in before})
+    return out
+
+
+def _finetune_stage_one(ctx: StudyContext, results: list[SchemeResult],
+                        pieces: list[tuple[str, int | None]]) -> list[SchemeResult]:
     from lowbit.data.datasets import assert_disjoint
 
     cfg, det, run, calib, evalset, progress = ctx.cfg, ctx.det, ctx.run, ctx.calib, ctx.evalset, ctx.progress
 
     assert_disjoint(calib, evalset)
     by_name = {r.manifest.name: r for r in results}
-    names = cfg.finetune.schemes
-    unknown = [n for n in names if n not in by_name]
+    unknown = [n for n, _ in pieces if n not in by_name]
     if unknown:
         raise LowbitError(f"finetune.schemes: {unknown} not among the evaluated schemes ({', '.join(by_name)})")
-    ft = cfg.finetune.algorithm()
     out = []
-    for name in dict.fromkeys(names):
+    for name, seed in pieces:
+        ft = cfg.finetune.algorithm()
+        ft = ft if seed is None else ft.model_copy(update={"seed": seed})
         src = by_name[name]
         st = ctx.stage("finetune", ctx.data_key, src.manifest.model_dump(mode="json", exclude={"name", "origin"}),
                    ft.model_dump())
@@ -414,7 +473,7 @@ def _finetune_stage(ctx: StudyContext, results: list[SchemeResult]) -> list[Sche
         net = apply_manifest(det, src.manifest, cb, ctx.grams)
         res = finetune(net, det.net, train, ft, cfg.device, progress)
         m = src.manifest.model_copy(deep=True)
-        m.name = f"{name}+ft"
+        m.name = f"{name}+ft" if seed is None else f"{name}+ft-s{seed}"
         m.origin = {**m.origin, "kind": "finetune", "base": name, "base_map50_95": src.result.map50_95,
                     "finetune": {**ft.model_dump(), "seconds": res.seconds, "steps": res.steps, "device": res.device},
                     "checkpoint": str((st.path / "checkpoint").relative_to(run.path))}

@@ -148,3 +148,58 @@ def test_a_faster_quantized_scheme_wins_and_the_metric_decides_which():
     assert decide(rows, 0.5, "openvino-cpu", "throughput")["scheme"] == "mixed"
     assert decide(rows, 2.0, "openvino-cpu")["scheme"] == "lossy"
     assert decide(rows, 0.1, "openvino-cpu")["scheme"] == "mixed"
+
+
+def _worker(rank: int, world: int, port: int, cfg_path: str, out: str, q) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    q.put((rank, run_study(StudyConfig.load(cfg_path), out, progress=False)))
+
+
+def test_a_study_on_two_workers_matches_one(tmp_path, assets):
+    """torch.distributed (gloo, two processes on this CPU) deals the schemes and fine-tunes out to the workers;
+    rank 0 reports the same schemes, manifests and mAPs as one process, each scheme scored exactly once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = {"name": "dist", "model": assets["model"], "imgsz": 128, "eval_batch": 4, "target": "size",
+           "calib": {"path": assets["calib"], "max_images": 4}, "eval": {"path": assets["val"], "max_images": 4},
+           "sensitivity": {"methods": ["distortion"], "formats": ["W4A16", "W8A16"], "batch": 4,
+                           "layers": ["model.2.*"], "images": 2},
+           "search": {"method": "distortion", "budgets": [8.0], "random_seeds": [0]},
+           "uniform": ["W8A16", "W4A16"], "max_drop_points": [100], "error_halves": 10,
+           "finetune": {"schemes": ["W4A16"], "seeds": [0, 1],
+                        "config": {"block_steps": 1, "batch": 4, "block_loss": "mse"}}}
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    import torch
+
+    torch.set_num_threads(1)  # as each worker runs: the same float rounding, so the same numbers to the bit
+    one = run_study(StudyConfig.load(p), tmp_path / "one", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(p), str(tmp_path / "two"), q)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict(q.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    two = got[0]
+    assert got[1] == {"rank": 1} and two["workers"] == 2 and one["workers"] == 1
+    assert [(r["scheme"], r["map50_95"]) for r in two["rows"]] == [(r["scheme"], r["map50_95"]) for r in one["rows"]]
+    assert len(one["rows"]) == 7  # FP32, two uniform, budget, random, two fine-tuning seeds
+    assert [r["scheme"] for r in one["rows"][-2:]] == ["W4A16+ft-s0", "W4A16+ft-s1"]
+    # each distinct scheme scored (or tuned) once, by one of the workers; none twice
+    assert two["work"]["evaluated"] == one["work"]["evaluated"] and two["work"]["cached"] == 0
+    picked = [json.loads((tmp_path / run / "recommended-manifest.json").read_text()) for run in ("one", "two")]
+    assert picked[0]["name"] == picked[1]["name"] == one["recommended"] and picked[0]["layers"] == picked[1]["layers"]
