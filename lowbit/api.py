@@ -427,8 +427,8 @@ class QuantizeOnnxConfig(BaseModel):
     calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
     preprocess: str | None = None  # how the graph takes images (lowbit.models.onnx_detector), over its model card
     # weight rounding of a uniform format on the graph: GPTQ on the calibration images' conv inputs, or nearest
-    # ("max"); a manifest carries its own
-    weight_clip: Literal["gptq", "max"] = "gptq"
+    # ("max"); default: GPTQ where calibration images are given, else nearest; a manifest carries its own
+    weight_clip: Literal["gptq", "max"] | None = None
 
 
 def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, progress: bool = True):
@@ -444,7 +444,8 @@ def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, pr
     run = RunDir(out, "quantize-onnx")
     run.write_json("config.json", cfg)
     manifest = (Manifest.load(cfg.manifest) if cfg.manifest
-                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats, cfg.weight_clip))
+                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats,
+                                      cfg.weight_clip or ("gptq" if cfg.calib else "max")))
     t = time.perf_counter()
     card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
     images = _images(cfg.calib, imgsz, card.preprocess) if cfg.calib else None

@@ -349,9 +349,10 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
                   act_range: str = ACT_RANGE, old_act_range: Optional[str] = OLD_ACT_RANGE,
-                  clip: str = typer.Option("gptq", help="weight rounding of --format on the graph: gptq (on the "
-                                           "calibration images' conv inputs, collected with ONNX Runtime) or max "
-                                           "(round to nearest); a manifest carries its own"),
+                  clip: Optional[str] = typer.Option(None, help="weight rounding of --format on the graph: gptq (on "
+                                                     "the calibration images' conv inputs, collected with ONNX "
+                                                     "Runtime) or max (round to nearest); default: gptq with --calib, "
+                                                     "else max; a manifest carries its own"),
                   imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
                   preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
@@ -367,7 +368,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
         calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess,
         weight_clip=clip), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
-                  f"{info.weight_dtypes}, {info.activation_qdq} activation Q/DQ pairs"
+                  f"{info.weight_dtypes} rounded {'by GPTQ' if info.weight_clip == 'gptq' else 'to nearest'}, "
+                  f"{info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
     _kept_float(info.activations_kept_float)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)

@@ -232,6 +232,7 @@ class OnnxQuantInfo(BaseModel):
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
+    weight_clip: str = "max"  # how the weights were rounded on the graph: "gptq" or "max" (to nearest)
 
 
 def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = "int8",
@@ -398,7 +399,8 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     data, verdict = write_graph(model, out, done.pop("manifest"), layers, target, manifest.name)
     return OnnxQuantInfo(path=str(out), target=target, layers_quantized=len(manifest.layers), calibration=calibration,
                          calibration_images=0 if images is None else len(images), size_mb=len(data) / 1e6,
-                         deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
+                         deployable=verdict.deployable, deploy_note=verdict.summary(), weight_clip=manifest.weight_clip,
+                         **done)
 
 
 def write_graph(model, out: str | Path, written, layers: dict, target: str, what: str):
