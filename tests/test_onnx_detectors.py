@@ -182,7 +182,7 @@ def test_torchvision_ssdlite_with_nms_inside(tmp_path, assets):
     r = runner.invoke(app, ["quantize-onnx", str(path), "-f", "W8A16", "--preprocess", "torchvision", "--onnx",
                             str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q")])
     # no calibration images: GPTQ has no statistics, so the weights round to nearest, and the run says so
-    assert r.exit_code == 0 and "convs" in r.output and "rounded to nearest" in "".join(r.output.split(" \n")), r.output
+    assert r.exit_code == 0 and "convs" in r.output and "rounded to nearest" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["sensitivity", "-m", str(path), "--method", "onnx", "-f", "W8A8", "--calib-images", "1",
                             "--layers", "head.classification_head.*", "--preprocess", "torchvision", "--calib",
                             assets["calib"], "-o", str(tmp_path / "s")])
