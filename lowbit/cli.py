@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.targets import DEFAULT_TARGET
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Sensitivity-guided mixed-precision quantization for detectors.")
-console = Console(width=None if sys.stdout.isatty() else 130)
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped: wide enough for every table
 
 MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
 OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
@@ -472,14 +472,16 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folde
     for method, rep in reports.items():
         console.print(sensitivity_table(rep, f"layer sensitivity ({method}): the most and the least sensitive layers"))
     folder = Path(out or "runs/demo")
+    study = "configs/study-yolov10n-openvino" + ("-amx" if summary["target"] == "openvino-amx" else "") + ".yaml"
     console.print(study_table(summary, f"schemes on {summary['target']}",
                               caption="mAP50-95 on 32 images is noisy: SE is each Δ's standard error over the choice of "
-                                      "images, so differences within about 2 SE are not resolved here. Decide with "
-                                      "configs/study-yolov10n-openvino.yaml (coco-val800)."))
+                                      f"images, so differences within about 2 SE are not resolved here. Decide with "
+                                      f"{study} (coco-val800)."))
     _print_speed_and_pick(summary, folder)
-    console.print(f"report: {folder / 'study-report.md'} (plots: pareto.png, pareto-latency.png, recommended-bitmap.png); "
-                  f"evaluated {summary['work']['evaluated']} schemes, {summary['work']['cached']} from cache (a re-run "
-                  "resumes); the real study: lowbit study configs/study-yolov10n-openvino.yaml")
+    plots = ", ".join(p for p in ("pareto.png", "pareto-latency.png", "recommended-bitmap.png") if (folder / p).is_file())
+    console.print(f"report: {folder / 'study-report.md'} (plots: {plots}); evaluated {summary['work']['evaluated']} "
+                  f"schemes, {summary['work']['cached']} from cache (a re-run resumes); the real study: lowbit study "
+                  f"{study}")
 
 
 def _print_speed_and_pick(summary: dict, folder: Path) -> None:
