@@ -98,5 +98,11 @@ def start(device: str = "cpu") -> Workers:
 
 
 def stop(workers: Workers) -> None:
-    """Every worker leaves together, so rank 0's store outlives the others' last look at it."""
+    """Every worker leaves together, and rank 0 last: where it hosts the store, the others' last reads of it
+    must be over before it exits."""
+    if workers.world == 1:
+        return
     workers.barrier()
+    workers.store.set(f"left/{workers.rank}", b"1")
+    if workers.leader:
+        workers.store.wait([f"left/{r}" for r in range(workers.world)], WAIT)

@@ -190,7 +190,7 @@ def test_a_study_on_two_workers_matches_one(tmp_path, assets):
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(p), str(tmp_path / "two"), q)) for r in range(2)]
     for proc in procs:
         proc.start()
-    got = dict(q.get(timeout=600) for _ in procs)
+    got = dict(q.get(timeout=300) for _ in procs)
     for proc in procs:
         proc.join(60)
         assert proc.exitcode == 0
