@@ -51,7 +51,8 @@ def main():
     ap.add_argument("--calib-images", type=int, default=64, help="training images GPTQ and ModelOpt calibrate on")
     ap.add_argument("--calib-seed", type=int, default=0, help="which draw of --calib-images (Dataset.subset's seed)")
     ap.add_argument("--calib-dir", help="calibrate on every image of this folder instead (make_ft_carry.py --calib-originals)")
-    ap.add_argument("--clip", help="integer weight rounding before fine-tuning (gptq, gptq-seq, ...); default: the scheme's")
+    ap.add_argument("--rounding", choices=["nearest", "gptq", "gptq-seq"],
+                    help="weight rounding before fine-tuning; default: the scheme's")
     ap.add_argument("--range", choices=["absmax", "full"],
                     help="integer weight scales (Manifest.weight_range); default: the scheme's")
     ap.add_argument("--save-ptq", action="store_true", help="also return the PTQ start as <scheme>-ptq")
@@ -87,7 +88,7 @@ def main():
         else:
             m = Manifest.load(spec) if spec.endswith(".json") else Manifest.uniform(det.source, det.layers(), spec)
             m.model = det.source
-            m.weight_clip = a.clip or m.weight_clip
+            m.rounding = a.rounding or m.rounding
             m.weight_range = a.range or m.weight_range
             base = apply_manifest(det, m, calib)
             if a.save_ptq:
@@ -103,7 +104,7 @@ def main():
             after = dev_map(net)
             rec = {"scheme": m.name, "recipe": name, "dev_before": before, "dev_after": after, **res.model_dump(),
                    "train_images": len(train), "calib_images": len(calib_set.images), "calib_dir": a.calib_dir,
-                   "weight_clip": m.weight_clip, "weight_range": m.weight_range,
+                   "weight_clip": m.weight_clip, "rounding": m.rounding, "weight_range": m.weight_range,
                    "calib_seed": None if a.calib_dir or len(calib_set.images) == len(train.images) else a.calib_seed,
                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
             log.write(json.dumps(rec) + "\n")

@@ -19,7 +19,7 @@ import torch
 from lowbit.data.loader import Batch
 from lowbit.models.ultralytics import load_detector
 from lowbit.quantize.apply import apply_manifest
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightOptions
 
 
 def timed(fn, warmup=20, reps=100):
@@ -88,7 +88,7 @@ def main():
         if not fakequant:
             continue
         calib = [Batch(torch.rand(8, 3, 640, 640, device="cuda", generator=g), [])]
-        m = Manifest.uniform(model, det.layers(), "W8A8", weight_clip="max")
+        m = Manifest.uniform(model, det.layers(), "W8A8", weights=WeightOptions(rounding="nearest"))
         q = apply_manifest(det, m, calib)
         x = torch.rand(16, 3, 640, 640, device="cuda", generator=g)
         with torch.no_grad():

@@ -12,9 +12,9 @@ calib="$data/coco-calib-train/coco-calib-train.yaml"
 runs=()
 for spec in "W8A8-FP8:pc tensorrt onnxruntime" "W8A8 tensorrt onnxruntime" "W8A8 openvino-cpu openvino"; do
   set -- $spec
-  for clip in max gptq; do
-    name="$(echo $1 | tr ':' '_')-$2-$clip"
-    [ -f "$work/$name.onnx" ] || $lb quantize-onnx "$float" -f "$1" --target "$2" --clip $clip --calib "$calib" \
+  for rounding in nearest gptq; do
+    name="$(echo $1 | tr ':' '_')-$2-$rounding"
+    [ -f "$work/$name.onnx" ] || $lb quantize-onnx "$float" -f "$1" --target "$2" --rounding $rounding --calib "$calib" \
         --calib-images 0 --onnx "$work/$name.onnx" -o "$work/q-$name"
   done
 done

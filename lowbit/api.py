@@ -1,74 +1,42 @@
-"""The Python API behind the CLI: each function takes a typed config, writes a run folder and
-returns its results, so a notebook gets exactly what `lowbit <verb>` does."""
+"""The Python API behind the CLI: each function takes a typed config (lowbit.config, re-exported here), writes a
+run folder and returns its results, so a notebook gets exactly what `lowbit <verb>` does."""
 
 from __future__ import annotations
 
-import ast
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
-from lowbit.data.datasets import Dataset, assert_disjoint, load_dataset
-from lowbit.data.loader import make_batches
+from lowbit.config import (BenchConfig, CompareConfig, DataConfig, EvalConfig, ExportConfig,  # noqa: F401
+                           FinetuneRunConfig, QuantizeConfig, QuantizeOnnxConfig, SearchConfig, SensitivityConfig)
+from lowbit.data.datasets import Dataset, assert_disjoint
+from lowbit.data.loader import image_array, make_batches
 from lowbit.errors import LowbitError
-from lowbit.evaluate.bench import BenchResult
+from lowbit.evaluate.bench import BenchResult, bench_models, host_cpu
 from lowbit.evaluate.coco import DETECTIONS, EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
+from lowbit.evaluate.layer_latency import latency_table, predict_ms
+from lowbit.evaluate.resampling import image_evals, paired_halves, standard_errors
+from lowbit.export.onnx_qdq import export_qdq_onnx
+from lowbit.finetune.blockwise import finetune
 from lowbit.formats import parse_format
-from lowbit.io import RunDir
+from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.layers import LayerInfo
+from lowbit.models.onnx_detector import (class_names, graph_card, graph_input_size, graph_names, is_graph, load_card,
+                                         openvino_model_file)
 from lowbit.models.ultralytics import Detector, load_detector
-from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
-from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine, scheme_stats
-from lowbit.quantize.onnx_ptq import ActivationCalibration
-from lowbit.targets import DEFAULT_TARGET, TargetName
-
-
-class DataConfig(BaseModel):
-    path: str
-    images: str | None = None  # image folder, when `path` is a COCO json elsewhere
-    max_images: int | None = None
-    seed: int | None = 0
-
-    def load(self) -> Dataset:
-        return load_dataset(self.path, self.images).subset(self.max_images, self.seed)
-
-
-class EvalConfig(BaseModel):
-    model: str
-    data: DataConfig
-    imgsz: int | None = Field(None, gt=0)  # default: a graph's own static input size, else 640
-    batch: int = 1
-    device: str = "cpu"
-    threads: int | None = None
-    # torch, onnxruntime, openvino or openvino-f32 (lowbit.evaluate.runners); default: torch for a PyTorch model,
-    # onnxruntime for an .onnx, openvino for an OpenVINO IR
-    runtime: str | None = None
-    # a graph lowbit did not export: its preprocessing and decoder (lowbit.models.onnx_detector), over the model
-    # card beside it
-    preprocess: str | None = None
-    decoder: str | None = None
-
-
-class QuantizeConfig(BaseModel):
-    model: str
-    # format names (uniform, each its own checkpoint), or manifest files (`lowbit search`, a study, hand-written):
-    # a name ending in .json is a manifest, materialized layer by layer as it says
-    formats: list[str] = Field(default_factory=lambda: ["W8A8"])
-    calib: DataConfig
-    eval: DataConfig | None = None
-    imgsz: int = Field(640, gt=0)
-    calib_batch: int = 8
-    eval_batch: int = 1
-    algorithm: str = "max"
-    weight_clip: WeightRefine = "gptq"  # "max": ModelOpt max calibration alone
-    weight_range: WeightRange = "full"  # integer weight scales: "absmax" = ModelOpt's, "full" also uses -2^(b-1)
-    device: str = "cpu"
-    save: bool = True
+from lowbit.quantize.apply import apply_manifest, checkpoint_manifest, load_quantized, save_quantized
+from lowbit.quantize.manifest import Manifest, WeightOptions, scheme_stats
+from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+from lowbit.quantize.qdq import load_graph
+from lowbit.search import allocate
+from lowbit.sensitivity.base import NEEDS_LABELS, ScoreStore, SensitivityContext, fingerprint, get_method
+from lowbit.sensitivity.onnx_node import onnx_layers
+from lowbit.sensitivity.report import (SensitivityReport, agreement, agreement_markdown, build_report,
+                                       write_report)
+from lowbit.targets import get_target
 
 
 class SchemeRow(BaseModel):
@@ -92,34 +60,9 @@ def layers(model: str, imgsz: int | None = None) -> list[LayerInfo]:
     """Every conv/linear layer of a PyTorch model, or every Conv of an ONNX graph (named as lowbit.quantize.qdq
     names them: manifests for `quantize-onnx` use these names)."""
     if Path(model).suffix == ".onnx":
-        from lowbit.quantize.qdq import load_graph
-        from lowbit.sensitivity.onnx_node import onnx_layers
-
-        _, size = _graph_card(model, imgsz, None, None)
-        return onnx_layers(load_graph(model), size)
+        graph = load_graph(model)
+        return onnx_layers(graph, graph_card(model, imgsz, graph=graph)[1])
     return load_detector(model, imgsz or 640).layers()
-
-
-def _graph_names(path: Path) -> dict[int, str] | None:
-    """Class names an exported graph carries: Ultralytics writes them into an ONNX's metadata and into the
-    metadata.yaml beside an OpenVINO IR, as a Python dict literal or a mapping."""
-    if path.suffix == ".onnx":
-        from lowbit.models.onnx_detector import read_onnx
-
-        meta = {p.key: p.value for p in read_onnx(path).metadata_props}
-        names = meta.get("names")
-        return {int(k): v for k, v in ast.literal_eval(names).items()} if names else None
-    meta = path.parent / "metadata.yaml"
-    if meta.is_file():
-        import yaml
-
-        names = (yaml.safe_load(meta.read_text()) or {}).get("names")
-        return {int(k): v for k, v in names.items()} if isinstance(names, dict) else None
-    return None
-
-
-def _is_graph(path: Path) -> bool:
-    return path.suffix in (".onnx", ".xml") or path.is_dir() and any(path.glob("*.xml"))
 
 
 def open_for_eval(model: str, dataset: Dataset, imgsz: int | None, preprocess: str | None = None,
@@ -127,9 +70,7 @@ def open_for_eval(model: str, dataset: Dataset, imgsz: int | None, preprocess: s
     """(runnable, class names, image size, model card or None) for a .pt/.yaml, a quantized checkpoint folder, an
     .onnx file or an OpenVINO IR. A graph's card (lowbit.models.onnx_detector) says how it is fed and decoded."""
     path = Path(model)
-    if _is_graph(path):
-        from lowbit.models.onnx_detector import class_names, graph_input_size, load_card, openvino_model_file
-
+    if is_graph(path):
         if not path.exists():
             raise LowbitError(f"{path}: {'ONNX' if path.suffix == '.onnx' else 'model'} file not found")
         file = openvino_model_file(path)
@@ -137,17 +78,24 @@ def open_for_eval(model: str, dataset: Dataset, imgsz: int | None, preprocess: s
         size = graph_input_size(file)
         if imgsz is not None and size is not None and imgsz != size:
             raise LowbitError(f"{model}: its input takes {size}x{size} images; evaluate it with --imgsz {size}")
-        return str(path), class_names(card, _graph_names(file), dataset), imgsz or size or 640, card
+        return str(path), class_names(card, graph_names(file), dataset), imgsz or size or 640, card
     if preprocess or decoder:
         raise LowbitError("--preprocess and --decoder describe a graph lowbit did not export; a PyTorch model is "
                           "Ultralytics'")
     imgsz = imgsz or 640
     if path.is_dir():
-        net, manifest = load_quantized(path)
-        det = load_detector(manifest.model, imgsz)
+        det, net, _ = open_checkpoint(path)
         return net, det.names, imgsz, None
     det = load_detector(model, imgsz)
     return det.net, det.names, imgsz, None
+
+
+def open_checkpoint(path: str | Path) -> tuple[Detector, torch.nn.Module, Manifest]:
+    """(the float detector, the quantized network, its manifest) of a checkpoint folder, each loaded once."""
+    manifest = checkpoint_manifest(path)
+    det = load_detector(manifest.model, manifest.imgsz)
+    net, manifest = load_quantized(path, det)
+    return det, net, manifest
 
 
 def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> EvalResult:
@@ -162,12 +110,6 @@ def run_eval(cfg: EvalConfig, out: str | Path | None = None, progress: bool = Tr
     save_detections(run.path, res.detections)
     run.log.info("mAP50-95 %.4f mAP50 %.4f latency %.1f ms", res.map50_95, res.map50, res.latency.median_ms)
     return res
-
-
-class CompareConfig(BaseModel):
-    runs: list[str] = Field(min_length=2)  # `lowbit eval` run folders; the first is the reference
-    replicates: int = Field(500, ge=100)  # random halves of the images
-    seed: int = 0
 
 
 class CompareRow(BaseModel):
@@ -192,9 +134,6 @@ class Comparison(BaseModel):
 def run_compare(cfg: CompareConfig, out: str | Path | None = None, progress: bool = True) -> Comparison:
     """Every run's mAP50-95 against the first run's, with standard errors and 95% intervals from paired
     resampling of the images (lowbit.evaluate.resampling): how much of a difference the images can resolve."""
-    from lowbit.evaluate.resampling import image_evals, paired_halves, standard_errors
-    from lowbit.io import read_json
-
     runs = [Path(r) for r in cfg.runs]
     configs, scored, found = [], [], []
     for r in runs:
@@ -266,8 +205,7 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
         elif fmt.is_float:
             continue
         else:
-            manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg.weight_clip, cfg.imgsz,
-                                        cfg.weight_range)
+            manifest = Manifest.uniform(cfg.model, layer_info, fmt, cfg.algorithm, cfg, cfg.imgsz)
         run.log.info("quantizing to %s", manifest.name)
         t = time.perf_counter()
         net = apply_manifest(det, manifest, calib_batches, grams)
@@ -284,48 +222,24 @@ def run_quantize(cfg: QuantizeConfig, out: str | Path | None = None, progress: b
     return rows
 
 
-class SensitivityConfig(BaseModel):
-    model: str
-    calib: DataConfig
-    methods: list[str] = Field(default_factory=lambda: ["distortion"])
-    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
-    batch: int = 8
-    imgsz: int | None = Field(None, gt=0)  # default: an ONNX graph's own input size, else 640
-    device: str = "cpu"
-    layers: list[str] | None = None  # glob patterns; default: every quantizable layer
-    top_k: int = 10
-    weight_clip: WeightRefine = "gptq"  # how probed layers clip their weights (the gradient method uses ModelOpt's max)
-    weight_range: WeightRange = "full"  # and their integer scales (likewise)
-    target: TargetName = DEFAULT_TARGET  # the onnx method encodes INT8 activations as this target does
-    preprocess: str | None = None  # an .onnx lowbit did not export: how it takes images, over its model card
-
-
 def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progress: bool = True,
                     detector: Detector | None = None) -> dict:
     """Score every (layer, format) with each method; resumable: re-run with the same `out` to continue."""
     import fnmatch
 
-    from lowbit.sensitivity.base import NEEDS_LABELS, ScoreStore, SensitivityContext, fingerprint, get_method
-    from lowbit.sensitivity.report import agreement, agreement_markdown, build_report, write_report
-
     methods = {m: get_method(m) for m in cfg.methods}
     formats = [parse_format(f) for f in cfg.formats]
     run = RunDir(out, "sensitivity")
     run.write_json("config.json", cfg)
-    from lowbit.targets import get_target
-
-    options = {"weight_clip": cfg.weight_clip, "weight_range": cfg.weight_range,
-               "act_dtype": get_target(cfg.target).act_dtype}
+    options = {"act_dtype": get_target(cfg.target).act_dtype}
     if cfg.model.endswith(".onnx"):  # no PyTorch source: only the ONNX-native method applies
-        from lowbit.quantize.qdq import load_graph
-        from lowbit.sensitivity.onnx_node import onnx_layers
-
         if set(methods) != {"onnx"}:
             raise LowbitError(f"{cfg.model}: an ONNX model is scored by the 'onnx' method only; "
                               f"{sorted(set(methods) - {'onnx'})} need the PyTorch model")
-        card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
+        graph = load_graph(cfg.model)
+        card, imgsz = graph_card(cfg.model, cfg.imgsz, cfg.preprocess, graph=graph)
         pre = card.preprocess
-        det, layers, options["onnx"] = None, onnx_layers(load_graph(cfg.model), imgsz), cfg.model
+        det, layers, options["onnx"] = None, onnx_layers(graph, imgsz), graph
     else:
         imgsz, pre = cfg.imgsz or 640, None
         det = detector or load_detector(cfg.model, imgsz)
@@ -339,7 +253,8 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         if not layers:
             raise LowbitError(f"no quantizable layer matches {cfg.layers}")
     batches = make_batches(data, imgsz, cfg.batch, progress=progress, preprocess=pre)
-    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={**options, "dataset": data})
+    ctx = SensitivityContext(det, batches, formats, layers, cfg.device, progress, options={**options, "dataset": data},
+                             weights=WeightOptions(**cfg.weight_options()))
     images = [str(r.path) for r in data.images]
     reports = {}
     for name, method in methods.items():
@@ -364,109 +279,42 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
     return reports
 
 
-
-def _images(data: DataConfig, imgsz: int, preprocess=None) -> "np.ndarray":  # noqa: F821
-    return torch.cat([b.images for b in make_batches(data.load(), imgsz, 8, preprocess=preprocess)]).numpy()
-
-
-def _graph_card(model: str, imgsz: int | None, preprocess: str | None, decoder: str | None):
-    """(model card, input size) of a graph: the card beside it with the options on top; the graph's own static
-    input size unless `imgsz` says otherwise (and then they must agree)."""
-    from lowbit.models.onnx_detector import graph_input_size, load_card
-
-    if not Path(model).is_file():
-        raise LowbitError(f"{model}: ONNX file not found")
-    size = graph_input_size(model)
-    if imgsz is not None and size is not None and imgsz != size:
-        raise LowbitError(f"{model}: its input takes {size}x{size} images, not {imgsz}")
-    size = imgsz or size or 640
-    if size <= 0 or size % 32:
-        raise LowbitError(f"{model}: image size {size} must be a positive multiple of 32")
-    return load_card(model, preprocess, decoder), size
-
-
-class ExportConfig(BaseModel):
-    checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
-    onnx: str | None = None  # the .onnx to write (default: model.onnx in the run folder)
-    target: TargetName = DEFAULT_TARGET  # lowbit.targets: how activations are encoded and placed
-    # images to calibrate activation ranges on the exported graph (None: ModelOpt's calibrated ranges)
-    calib: DataConfig | None = None
-    calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
-    parity: DataConfig | None = None  # images to compare ONNX Runtime with the fake-quant model on
-
-
 def run_export(cfg: ExportConfig, out: str | Path | None = None):
     """Q/DQ ONNX for a target from a quantized checkpoint, with its deployability and (optionally) output parity."""
-    from lowbit.export.onnx_qdq import export_qdq_onnx
-    from lowbit.targets import get_target
-
     get_target(cfg.target)
-    net, manifest = load_quantized(cfg.checkpoint)
+    det, net, manifest = open_checkpoint(cfg.checkpoint)
     run = RunDir(out, "export")
     run.write_json("config.json", cfg)
-    det = load_detector(manifest.model, manifest.imgsz)
     images = None
     if cfg.parity is not None:
         images = make_batches(cfg.parity.load(), manifest.imgsz, 1)
         images = torch.cat([b.images for b in images])
-    calib = _images(cfg.calib, manifest.imgsz) if cfg.calib else None
+    calib = image_array(cfg.calib.load(), manifest.imgsz) if cfg.calib else None
     info = export_qdq_onnx(det.net, net, manifest, cfg.onnx or run.file("model.onnx"), parity_images=images,
                            target=cfg.target, calib_images=calib, calibration=cfg.calibration)
     run.write_json("results.json", info)
     return info
 
 
-class QuantizeOnnxConfig(BaseModel):
-    model: str  # a float .onnx detector
-    onnx: str | None = None  # the Q/DQ .onnx to write (default: model.onnx in the run folder)
-    formats: str | None = None  # one format for every conv (a DFL decoder excluded) ...
-    manifest: str | None = None  # ... or a manifest file (layer names as the graph's: `lowbit layers -m MODEL.onnx`)
-    target: TargetName = DEFAULT_TARGET
-    calib: DataConfig | None = None  # calibration images, for activation formats
-    imgsz: int | None = Field(None, gt=0)  # default: the graph's own input size
-    calibration: ActivationCalibration = Field(default_factory=ActivationCalibration)
-    preprocess: str | None = None  # how the graph takes images (lowbit.models.onnx_detector), over its model card
-    # weight rounding of a uniform format on the graph: GPTQ on the calibration images' conv inputs, or nearest
-    # ("max"); default: GPTQ where calibration images are given, else nearest; a manifest carries its own
-    weight_clip: Literal["gptq", "max"] | None = None
-
-
 def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, progress: bool = True):
     """ONNX-native PTQ: a format or a manifest applied straight to a float .onnx, for a target."""
-    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
-    from lowbit.quantize.qdq import load_graph
-
     if (cfg.formats is None) == (cfg.manifest is None):
         raise LowbitError("give exactly one of a format or a manifest")
-    from lowbit.targets import get_target
-
     get_target(cfg.target)
+    t = time.perf_counter()
+    graph = load_graph(cfg.model)  # read once: the manifest, the card and the quantizer all use it
+    card, imgsz = graph_card(cfg.model, cfg.imgsz, cfg.preprocess, graph=graph)
+    manifest = (Manifest.load(cfg.manifest) if cfg.manifest
+                else uniform_manifest(graph, cfg.model, cfg.formats, cfg.rounding or ("gptq" if cfg.calib else "nearest")))
     run = RunDir(out, "quantize-onnx")
     run.write_json("config.json", cfg)
-    manifest = (Manifest.load(cfg.manifest) if cfg.manifest
-                else uniform_manifest(load_graph(cfg.model), cfg.model, cfg.formats,
-                                      cfg.weight_clip or ("gptq" if cfg.calib else "max")))
-    t = time.perf_counter()
-    card, imgsz = _graph_card(cfg.model, cfg.imgsz, cfg.preprocess, None)
-    images = _images(cfg.calib, imgsz, card.preprocess) if cfg.calib else None
-    info = quantize_onnx(cfg.model, manifest, cfg.onnx or run.file("model.onnx"), images, cfg.target, cfg.calibration,
+    images = image_array(cfg.calib.load(), imgsz, card.preprocess) if cfg.calib else None
+    info = quantize_onnx(graph, manifest, cfg.onnx or run.file("model.onnx"), images, cfg.target, cfg.calibration,
                          progress)
-    run.write_json("results.json", {**info.model_dump(), "seconds": time.perf_counter() - t})
-    run.log.info("wrote %s in %.1f s", info.path, time.perf_counter() - t)
+    info.seconds = time.perf_counter() - t
+    run.write_json("results.json", info)
+    run.log.info("wrote %s in %.1f s", info.path, info.seconds)
     return info
-
-
-class FinetuneRunConfig(BaseModel):
-    checkpoint: str  # a lowbit checkpoint folder (modelopt.pth + manifest.json)
-    train: DataConfig  # training images (unlabelled is fine); never an evaluation image
-    eval: DataConfig | None = None  # before/after mAP; must not share an image with `train`
-    recipe: str = "mixed"  # lowbit.finetune.blockwise.RECIPES: "mixed" (mixed INT4/INT8 schemes) or "w4" (uniform INT4)
-    config: AdaRoundConfig | None = None  # overrides the recipe, whole
-    device: str = "cpu"
-    eval_batch: int = 8
-
-    def algorithm(self) -> AdaRoundConfig:
-        return get_recipe(self.recipe, self.config)
 
 
 def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress: bool = True) -> dict:
@@ -475,8 +323,7 @@ def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress
     algo = cfg.algorithm()
     run = RunDir(out, "finetune")
     run.write_json("config.json", cfg)
-    net, manifest = load_quantized(cfg.checkpoint)
-    det = load_detector(manifest.model, manifest.imgsz)
+    det, net, manifest = open_checkpoint(cfg.checkpoint)
     train = cfg.train.load()
     evalset = cfg.eval.load() if cfg.eval else None
     if evalset is not None:
@@ -501,24 +348,10 @@ def run_finetune(cfg: FinetuneRunConfig, out: str | Path | None = None, progress
     ckpt = save_quantized(net.cpu(), manifest, run.file("checkpoint"))
     net.to(cfg.device)
     after = score("after")
-    out = {"checkpoint": str(ckpt), "finetune": res.model_dump(), "before": before.model_dump() if before else None,
-           "after": after.model_dump() if after else None}
-    run.write_json("results.json", out)
-    return out
-
-
-class BenchConfig(BaseModel):
-    models: list[str] = Field(min_length=1)  # .onnx files or OpenVINO IRs; the first is the speed-up baseline
-    threads: int | None = None
-    reps: int = Field(30, ge=1)
-    warmup: int = Field(5, ge=0)
-    # real images on which every runtime's detections are checked against ONNX Runtime's before timing
-    # (None: the COCO images lowbit carries); verify_images of them
-    verify: DataConfig | None = None
-    verify_images: int = Field(8, ge=0)  # 0: no output check (the table then says so)
-    throughput_rounds: int = Field(0, ge=0)  # interleaved rounds of throughput on OpenVINO (0: latency only)
-    preprocess: str | None = None  # graphs lowbit did not export: how they take images and are decoded
-    decoder: str | None = None
+    result = {"checkpoint": str(ckpt), "finetune": res.model_dump(), "before": before.model_dump() if before else None,
+              "after": after.model_dump() if after else None}
+    run.write_json("results.json", result)
+    return result
 
 
 class BenchRun(BaseModel):
@@ -528,8 +361,6 @@ class BenchRun(BaseModel):
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = True) -> BenchRun:
     """Latency of every graph on every runtime present, interleaved, after each runtime's outputs are checked."""
-    from lowbit.evaluate.bench import bench_models, host_cpu
-
     run = RunDir(out, "bench")
     run.write_json("config.json", cfg)
     batches = None
@@ -544,55 +375,30 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
     return res
 
 
-class SearchConfig(BaseModel):
-    """What to allocate from one sensitivity report: exact budgets (integer program), top-K splits, a Pareto
-    front, and random schemes matching each budget scheme's INT4 share (the control a ranking must beat)."""
-
-    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
-    allow_fp16: bool = True
-    cost: str = "weight_bits"  # or bitops, or latency (then budgets are profiled ms of the latency table)
-    latency_table: str | None = None  # `lowbit latency-table` JSON, for cost: latency
-    budgets: list[float] = Field(default_factory=list)
-    topk: list[int] = Field(default_factory=list)
-    topk_low: str = "W4A16"
-    topk_high: str = "W8A16"
-    pareto_points: int = 0
-    random_seeds: list[int] = Field(default_factory=list)
-    # a deploy target (lowbit.targets): per layer, formats it would run in float there are not candidates
-    target: TargetName | None = None
-
-
-def search_problem(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
-                   weight_range: WeightRange | str = "full", groups: dict[str, int] | None = None):
+def search_problem(report, cfg: SearchConfig, weights: WeightOptions = WeightOptions(),
+                   groups: dict[str, int] | None = None):
     """(the allocation problem of `report` under `cfg`'s formats and cost, the latency table or {})."""
-    from lowbit.io import read_json
-    from lowbit.search import allocate
-
     table = {}
     if cfg.latency_table:
         if not Path(cfg.latency_table).is_file():
             raise LowbitError(f"search.latency_table {cfg.latency_table}: file not found (make it with `lowbit latency-table`)")
         table = read_json(cfg.latency_table)
-    return allocate.Problem(report, cfg.formats, cfg.allow_fp16, cfg.cost, table.get("layers"), weight_clip=weight_clip,
-                            weight_range=weight_range, switch_ms=table.get("switch_ms"), edges=table.get("edges"),
+    return allocate.Problem(report, cfg.formats, cfg.allow_fp16, cfg.cost, table.get("layers"), weights=weights,
+                            switch_ms=table.get("switch_ms"), edges=table.get("edges"),
                             target=cfg.target, groups=groups), table
 
 
-def search_schemes(report, cfg: SearchConfig, weight_clip: WeightRefine | str = "gptq",
-                   weight_range: WeightRange | str = "full", groups: dict[str, int] | None = None) -> list[Manifest]:
+def search_schemes(report, cfg: SearchConfig, weights: WeightOptions = WeightOptions(),
+                   groups: dict[str, int] | None = None) -> list[Manifest]:
     """Manifests from a SensitivityReport as `cfg` asks, each with its predicted damage (and, with a latency
     table, its predicted latency) in `origin`."""
-    from lowbit.search import allocate
-
-    p, table = search_problem(report, cfg, weight_clip, weight_range, groups)
+    p, table = search_problem(report, cfg, weights, groups)
     searched = [allocate.budget(p, b) for b in cfg.budgets]
     searched += [allocate.top_k(p, k, cfg.topk_low, cfg.topk_high) for k in cfg.topk]
     searched += allocate.pareto(p, cfg.pareto_points) if cfg.pareto_points else []
     if not searched:
         raise LowbitError("nothing to search: give budgets, top-K or Pareto points")
     if table:  # what the table expects, for a report to set beside the measured latency
-        from lowbit.evaluate.layer_latency import predict_ms
-
         for m in searched:
             m.origin.update(predicted_ms=predict_ms(table, {n: f.name for n, f in m.layers.items()}),
                             predicted_float_ms=predict_ms(table, {}), latency_runtime=table.get("runtime"),
@@ -607,8 +413,6 @@ def search_schemes(report, cfg: SearchConfig, weight_clip: WeightRefine | str = 
 def run_search(sensitivity: str | Path, cfg: SearchConfig, out: str | Path) -> list[tuple[Path, Manifest]]:
     """`search_schemes` on a sensitivity run's report (its method folder or the report JSON); writes one manifest
     per scheme into `out` (a folder of manifests, not a run folder) and returns (path, manifest) for each."""
-    from lowbit.sensitivity.report import SensitivityReport
-
     out = Path(out)
     return [(m.save(out / f"{m.name}.json"), m) for m in search_schemes(SensitivityReport.load(sensitivity), cfg)]
 
@@ -617,9 +421,6 @@ def run_latency_table(float_model: str | Path, quantized: dict[str, str | Path],
                       threads: int | None = None, reps: int = 20) -> dict:
     """Per-layer conv latency at each precision (OpenVINO's CPU profiler) for the latency cost of a search:
     `quantized` maps a format to a uniform Q/DQ graph of it. Writes the JSON table to `out`."""
-    from lowbit.evaluate.layer_latency import latency_table
-    from lowbit.io import write_json
-
     for f, path in quantized.items():
         parse_format(f)
         if not Path(path).is_file():

@@ -20,10 +20,10 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # piped: wide eno
 MODEL = typer.Option(..., "--model", "-m", help="Ultralytics .pt, model .yaml, .onnx, or a lowbit checkpoint folder")
 OUT = typer.Option(None, "--out", "-o", help="run folder (default: runs/<verb>-<time>)")
 PREPROCESS = typer.Option(None, help="how a graph lowbit did not export takes its images: a preset (ultralytics, "
-                          "yolox, torchvision, imagenet) and/or key=value (color=bgr, scale=1, mean=a/b/c, std=a/b/c, "
-                          "resize=letterbox|letterbox-corner|stretch, pad=114); default: the model card beside it, "
+                          "yolox, torchvision, imagenet, paddle) and/or key=value (color=bgr, scale=1, mean=a/b/c, "
+                          "std=a/b/c, resize=letterbox|letterbox-corner|stretch, pad=114, interp=linear|cubic|area); default: the model card beside it, "
                           "else Ultralytics'")
-DECODER = typer.Option(None, help="how its outputs are read: ultralytics, yolox, boxes-scores, nms-inside (default: "
+DECODER = typer.Option(None, help="how its outputs are read: ultralytics, yolox, gfl, boxes-scores, nms-inside (default: "
                        "the model card, else detected from the output shapes)")
 TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations quantized where produced), openvino-amx "
                "(symmetric INT8 activations where produced: Xeons with AMX), tensorrt (symmetric INT8/FP8 Q/DQ before "
@@ -35,12 +35,27 @@ ACT_RANGE = typer.Option("mse", "--act-range", help="range of INT8 activations o
 OLD_ACT_RANGE = typer.Option(None, "--method", hidden=True)
 CALIB_SEED = typer.Option(0, "--calib-seed", help="which random subset of the calibration images --calib-images "
                           "draws: another seed, another calibration draw")
+CLIP = typer.Option("max", "--clip", help="integer weight clip per channel: max (ModelOpt's) or output (chosen by "
+                    "the layer's output error)")
+ROUNDING = typer.Option("gptq", "--rounding", help="weight rounding: gptq (integer and FP8 weights), gptq-seq (GPTQ on "
+                        "the quantized network's own inputs; integer weights) or nearest")
 RANGE = typer.Option("full", "--range", help="integer weight scales: full (the finer of max(w)/(2^(b-1)-1) and "
                      "-min(w)/2^(b-1), so -2^(b-1) is used) or absmax (ModelOpt's max calibration alone)")
 
 
+def _weights(clip: str, rounding: str, weight_range: str) -> dict:
+    """The weight options; `--clip gptq` (clip and rounding in one word, lowbit 0.1) still reads as it did."""
+    from lowbit.quantize.manifest import split_weight_clip
+
+    if clip not in ("max", "output"):
+        if rounding != "gptq":
+            raise LowbitError(f"--clip {clip} names a rounding too; give --clip max|output and --rounding {rounding}")
+        return {**split_weight_clip({"weight_clip": clip}), "weight_range": weight_range}
+    return {"weight_clip": clip, "rounding": rounding, "weight_range": weight_range}
+
+
 def _data(path: str, images: Optional[str], max_images: Optional[int], seed: Optional[int]):
-    from lowbit.api import DataConfig
+    from lowbit.config import DataConfig
 
     return DataConfig(path=path, images=images, max_images=max_images, seed=seed)
 
@@ -99,7 +114,8 @@ def eval_(model: str = MODEL, data: str = typer.Option(..., "--data", "-d", help
           threads: Optional[int] = typer.Option(None, help="runtime threads"), out: Optional[Path] = OUT):
     """COCO mAP (pycocotools) and latency of a PyTorch model, a quantized checkpoint, an ONNX file or an OpenVINO IR,
     on the runtime that will run it."""
-    from lowbit.api import EvalConfig, SchemeRow, run_eval
+    from lowbit.config import EvalConfig
+    from lowbit.api import SchemeRow, run_eval
 
     cfg = EvalConfig(model=model, data=_data(data, images, max_images, seed), imgsz=imgsz, batch=batch,
                      device=device, threads=threads, runtime=runtime, preprocess=preprocess, decoder=decoder)
@@ -119,7 +135,8 @@ def compare(runs: list[Path] = typer.Argument(..., help="two or more `lowbit eva
             replicates: int = typer.Option(500, help="random halves of the images to score every model on"),
             seed: int = typer.Option(0, help="seed of the halves"), out: Optional[Path] = OUT):
     """mAP50-95 differences from the first run, with standard errors from paired resampling of the images."""
-    from lowbit.api import CompareConfig, run_compare
+    from lowbit.config import CompareConfig
+    from lowbit.api import run_compare
 
     res = run_compare(CompareConfig(runs=[str(r) for r in runs], replicates=replicates, seed=seed), out)
     t = Table(title=f"lowbit compare: {res.images} images of {res.dataset}",
@@ -146,16 +163,16 @@ def quantize(model: str = MODEL,
              calib_seed: int = CALIB_SEED,
              data: Optional[str] = typer.Option(None, "--data", "-d", help="evaluate each result on this labelled set"),
              max_images: Optional[int] = None, imgsz: int = 640, algorithm: str = "max",
-             clip: str = typer.Option("gptq", help="weight rounding: gptq (integer and FP8 weights), gptq-seq (GPTQ on the quantized network's own inputs), output (per-channel clip by output error), output+gptq, or max (ModelOpt alone); all but gptq act on integer weights only"),
-             weight_range: str = RANGE, device: str = "cpu", out: Optional[Path] = OUT):
+             clip: str = CLIP, rounding: str = ROUNDING, weight_range: str = RANGE, device: str = "cpu", out: Optional[Path] = OUT):
     """PTQ through ModelOpt, uniform per format or mixed per manifest: save a checkpoint each, evaluate each beside FP32."""
-    from lowbit.api import QuantizeConfig, run_quantize
+    from lowbit.config import QuantizeConfig
+    from lowbit.api import run_quantize
 
     specs = [f for f in (formats or ("" if manifest else "W8A8")).split(",") if f] + [str(m) for m in manifest or []]
     cfg = QuantizeConfig(model=model, formats=specs, imgsz=imgsz,
                          calib=_data(calib, None, calib_images, calib_seed),
                          eval=_data(data, None, max_images, 0) if data else None, algorithm=algorithm,
-                         weight_clip=clip, weight_range=weight_range, device=device)
+                         **_weights(clip, rounding, weight_range), device=device)
     console.print(_table(run_quantize(cfg, out)))
 
 
@@ -172,15 +189,15 @@ def sensitivity(model: str = MODEL,
                                                                     "own, else 640)"), device: str = "cpu",
                 preprocess: Optional[str] = PREPROCESS,
                 layers: Optional[str] = typer.Option(None, help="comma list of layer-name globs to score"),
-                clip: str = typer.Option("gptq", help="integer weight rounding of probed layers: gptq, output, output+gptq or max"),
-                weight_range: str = RANGE, out: Optional[Path] = OUT):
+                clip: str = CLIP, rounding: str = ROUNDING, weight_range: str = RANGE, out: Optional[Path] = OUT):
     """Per-layer sensitivity: one report (JSON, Markdown, PNG) per method; re-run with the same --out to resume."""
-    from lowbit.api import SensitivityConfig, run_sensitivity
+    from lowbit.config import SensitivityConfig
+    from lowbit.api import run_sensitivity
 
     cfg = SensitivityConfig(model=model, calib=_data(calib, None, old_images or calib_images, 0), methods=method.split(","),
                             formats=formats.split(","), batch=batch, imgsz=imgsz, device=device,
-                            layers=layers.split(",") if layers else None, weight_clip=clip,
-                            weight_range=weight_range, preprocess=preprocess, target=target)
+                            layers=layers.split(",") if layers else None,
+                            **_weights(clip, rounding, weight_range), preprocess=preprocess, target=target)
     reports = run_sensitivity(cfg, out)
     for name, rep in reports.items():
         t = Table(title=f"{name}: most sensitive layers ({rep.seconds:.1f} s)")
@@ -207,7 +224,8 @@ def search(sensitivity: Path = typer.Option(..., "--sensitivity", "-s", help="a 
            target: str = TARGET,
            out: Path = typer.Option(Path("schemes"), "--out", "-o", help="folder for the manifests")):
     """Mixed-precision manifests from a sensitivity report: top-K, exact budget (integer program), Pareto front."""
-    from lowbit.api import SearchConfig, run_search
+    from lowbit.config import SearchConfig
+    from lowbit.api import run_search
 
     saved = run_search(sensitivity, SearchConfig(
         formats=formats.split(","), allow_fp16=not no_fp16, cost=cost, latency_table=str(latency_table) if latency_table else None,
@@ -228,7 +246,8 @@ def study(config: Optional[Path] = typer.Argument(None, help="study yaml (see co
     """Baseline -> sensitivity -> schemes -> materialize -> evaluate -> report; cached stages, so re-runs redo only what
     changed. Started by torchrun (`torchrun --nproc-per-node N $(which lowbit) study CONFIG`, `--nnodes` for several
     hosts), the schemes are spread over the workers."""
-    from lowbit.study import StudyConfig, run_study
+    from lowbit.config import StudyConfig
+    from lowbit.study import run_study
 
     if (config is None) == (old_config is None):
         raise LowbitError("give the study's yaml: lowbit study CONFIG.yaml")
@@ -276,7 +295,8 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
            parity_images: int = 4, out: Optional[Path] = OUT):
     """Q/DQ ONNX of a checkpoint for a deployment target (INT8/INT4/FP8 as its manifest says), with whether the
     target runs every quantized layer in low precision."""
-    from lowbit.api import ActivationCalibration, ExportConfig, run_export
+    from lowbit.config import ActivationCalibration, ExportConfig
+    from lowbit.api import run_export
 
     info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
                                    target=target, calib=_data(calib, None, calib_images or None, calib_seed) if calib else None,
@@ -297,12 +317,13 @@ def finetune(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lo
              data: Optional[str] = typer.Option(None, "--data", "-d", help="labelled set for before/after mAP (never trained on)"),
              max_images: Optional[int] = typer.Option(None, help="evaluation subset size (default: all)"),
              recipe: str = typer.Option("mixed", help="mixed (mixed INT4/INT8 schemes: MSE + Fisher block loss) or w4 "
-                                        "(uniform INT4: learned steps; start it from `lowbit quantize --clip gptq-seq`)"),
+                                        "(uniform INT4: learned steps; start it from `lowbit quantize --rounding gptq-seq`)"),
              block_steps: Optional[int] = typer.Option(None, help="optimizer steps per block (default: the recipe's)"),
              seed: int = typer.Option(0, help="batch order (it alone moves a run's mAP: docs/results.md)"),
              device: str = "cpu", out: Optional[Path] = OUT):
     """Recover accuracy of a quantized checkpoint by block-wise AdaRound from its float model (no labels needed)."""
-    from lowbit.api import FinetuneRunConfig, run_finetune
+    from lowbit.config import FinetuneRunConfig
+    from lowbit.api import run_finetune
     from lowbit.finetune.blockwise import RECIPES
 
     if recipe not in RECIPES:
@@ -349,15 +370,16 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
                   act_range: str = ACT_RANGE, old_act_range: Optional[str] = OLD_ACT_RANGE,
-                  clip: Optional[str] = typer.Option(None, help="weight rounding of --format on the graph: gptq (on "
-                                                     "the calibration images' conv inputs, collected with ONNX "
-                                                     "Runtime) or max (round to nearest); default: gptq with --calib, "
-                                                     "else max; a manifest carries its own"),
+                  rounding: Optional[str] = typer.Option(None, help="weight rounding of --format on the graph: gptq "
+                                                         "(on the calibration images' conv inputs, collected with ONNX "
+                                                         "Runtime) or nearest; default: gptq with --calib, else "
+                                                         "nearest; a manifest carries its own"),
                   imgsz: Optional[int] = typer.Option(None, help="input size (default: the graph's own)"),
                   preprocess: Optional[str] = PREPROCESS, out: Optional[Path] = OUT):
     """ONNX-native PTQ: apply a format or a manifest straight to an existing .onnx (no PyTorch source), written for
     a deployment target."""
-    from lowbit.api import ActivationCalibration, QuantizeOnnxConfig, run_quantize_onnx
+    from lowbit.config import ActivationCalibration, QuantizeOnnxConfig
+    from lowbit.api import run_quantize_onnx
 
     if formats and "," in formats or manifest and len(manifest) > 1:
         raise LowbitError("quantize-onnx writes one graph: give one format or one manifest")
@@ -366,9 +388,9 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
         manifest=str(manifest[0]) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
         calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess,
-        weight_clip=clip), out)
+        rounding=rounding), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
-                  f"{info.weight_dtypes} rounded {'by GPTQ' if info.weight_clip == 'gptq' else 'to nearest'}, "
+                  f"{info.weight_dtypes} rounded {'by GPTQ' if info.rounding == 'gptq' else 'to nearest'}, "
                   f"{info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
     _kept_float(info.activations_kept_float)
@@ -395,7 +417,8 @@ def bench(models: list[Path] = typer.Argument(..., help=".onnx files or OpenVINO
           preprocess: Optional[str] = PREPROCESS, decoder: Optional[str] = DECODER, out: Optional[Path] = OUT):
     """Latency of graphs on every runtime present (ONNX Runtime, OpenVINO at its default precision and at f32),
     timed interleaved; a runtime whose detections diverge from ONNX Runtime's fails instead of being timed."""
-    from lowbit.api import BenchConfig, run_bench
+    from lowbit.config import BenchConfig
+    from lowbit.api import run_bench
 
     res = run_bench(BenchConfig(models=[str(m) for m in models], threads=threads, reps=reps,
                                 verify=_data(verify, None, None, 0) if verify else None, verify_images=verify_images,
@@ -532,13 +555,13 @@ def main() -> None:
             sys.argv.append("demo")
         app()
     except LowbitError as e:
-        _mark_failed(e)
-        console.print(f"[bold red]error:[/] {e}")
+        _mark_failed(e, bad_input=True)
+        console.print(f"[bold red]Error:[/] {e}")  # click's own word for a usage error, so every refusal reads alike
         sys.exit(2)
     except ValidationError as e:  # a bad option value reaching a typed config
-        _mark_failed(e)
+        _mark_failed(e, bad_input=True)
         err = e.errors()[0]
-        console.print(f"[bold red]error:[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        console.print(f"[bold red]Error:[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
@@ -559,11 +582,12 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
-def _mark_failed(error: BaseException) -> None:
+def _mark_failed(error: BaseException, bad_input: bool = False) -> None:
     from lowbit.io import RunDir
 
     for run in RunDir.opened:
-        run.fail(error)
+        run.fail(error, bad_input)
+    RunDir.opened.clear()  # this command has ended
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +64,9 @@ def read_json(path: str | Path) -> Any:
 
 class RunDir:
     """One run's folder: the resolved config, results JSON and a log, all written atomically. A run that ends in
-    an error gets a FAILED file (and the error in its log), so a folder never passes for a finished result."""
+    an error gets a FAILED file (and the error in its log), so a folder never passes for a finished result; a
+    folder this run created that holds no more than its config and log when the input is refused is removed, so
+    bad input leaves nothing behind in any verb."""
 
     opened: list["RunDir"] = []  # this process's runs, for the CLI to mark the failed ones
 
@@ -71,6 +74,7 @@ class RunDir:
         from lowbit.errors import LowbitError
 
         self.path = Path(root or RunDir.default_root(kind))
+        self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -90,7 +94,14 @@ class RunDir:
     def default_root(kind: str) -> Path:
         return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, bad_input: bool = False) -> None:
+        for h in self.log.handlers:
+            h.close()
+        if not self.path.is_dir():
+            return
+        if bad_input and self.created and {p.name for p in self.path.iterdir()} <= {"config.json", "run.log"}:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         self.log.error("failed: %s", error)
         atomic_write_text(self.path / "FAILED", f"{type(error).__name__}: {error}\n")
 

@@ -11,133 +11,29 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel
 
-from lowbit.api import DataConfig, SearchConfig, SensitivityConfig, run_sensitivity, search_problem, search_schemes
-from lowbit.quantize.onnx_ptq import ActivationCalibration
+from lowbit import targets
+from lowbit.api import demo_assets, run_sensitivity, search_problem, search_schemes
+from lowbit.config import SearchSpec, SensitivityConfig, SensitivitySpec, StudyConfig
+from lowbit.data.datasets import assert_disjoint
 from lowbit.data.loader import make_batches
 from lowbit.errors import LowbitError
+from lowbit.evaluate.bench import bench_models, host_cpu
 from lowbit.evaluate.coco import EvalResult, evaluate, load_detections, save_detections
-from lowbit.finetune.blockwise import AdaRoundConfig, finetune, get_recipe
+from lowbit.finetune.blockwise import finetune
+from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
+from lowbit.formats import parse_format
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.ultralytics import load_detector
-from lowbit.quantize.apply import apply_manifest, save_quantized
-from lowbit.quantize.manifest import Manifest, WeightRange, WeightRefine
+from lowbit.progress import step
+from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized
+from lowbit.quantize.manifest import Manifest
 from lowbit.search import allocate
-from lowbit.sensitivity.base import fingerprint
+from lowbit.sensitivity.base import SensitivityContext, fingerprint
+from lowbit.sensitivity.gradient import modelopt_choice
 from lowbit.sensitivity.report import SensitivityReport
-from lowbit.targets import DEFAULT_TARGET, TargetName
-
-
-class SearchSpec(SearchConfig):
-    method: str = "gradient"  # which sensitivity report drives the allocation
-    budgets: list[float] = Field(default_factory=lambda: [5.0, 5.6, 6.0])
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    modelopt_budgets: list[float] = Field(default_factory=list)  # ModelOpt auto_quantize's own choice
-
-
-class SensitivitySpec(BaseModel):
-    """The study's sensitivity stage; model, size and device come from the study itself."""
-
-    methods: list[str] = Field(default_factory=lambda: ["gradient"])
-    formats: list[str] = Field(default_factory=lambda: ["W4A16", "W8A16"])
-    batch: int = 8
-    layers: list[str] | None = None
-    # how many of the calibration images score the layers (the study's deterministic subset; default: all).
-    # Apart because the two want different amounts: scoring costs a backward pass per image and format, while
-    # GPTQ and fine-tuning gain from every calibration image there is (docs/results.md, fine-tuning)
-    images: int | None = Field(None, ge=1)
-
-    def scoring_data(self, calib: DataConfig) -> DataConfig:
-        if self.images is None or (calib.max_images and calib.max_images <= self.images):
-            return calib
-        return calib.model_copy(update={"max_images": self.images})
-
-
-class FinetuneSpec(BaseModel):
-    """Fine-tune evaluated schemes by block-wise AdaRound on the calibration images; each result joins the table as
-    `<scheme>+ft`."""
-
-    schemes: list[str] = Field(default_factory=lambda: ["W4A16"])  # scheme names
-    recipe: str = "mixed"  # lowbit.finetune.blockwise.RECIPES
-    config: AdaRoundConfig | None = None  # overrides the recipe, whole
-    # batch-order seeds, one fine-tune each (`<scheme>+ft-s<seed>`); default: the recipe's own seed (`<scheme>+ft`)
-    seeds: list[int] | None = None
-
-    def algorithm(self) -> AdaRoundConfig:
-        return get_recipe(self.recipe, self.config)
-
-
-class StudyConfig(BaseModel):
-    name: str = "study"
-    model: str
-    calib: DataConfig
-    eval: DataConfig
-    imgsz: int = Field(640, gt=0)
-    device: str = "cpu"
-    eval_batch: int = 8
-    sensitivity: SensitivitySpec | None = None  # default: the search method on the search formats
-    search: list[SearchSpec] = Field(default_factory=lambda: [SearchSpec()])  # one search per spec
-    uniform: list[str] = Field(default_factory=lambda: ["W8A8", "W8A16", "W4A16"])
-    schemes: list[str] = Field(default_factory=list)  # extra manifest files to evaluate
-    max_drop_points: list[float] = Field(default_factory=lambda: [1.0, 2.0])
-    weight_clip: WeightRefine = "gptq"  # for every scheme; "max" = ModelOpt max calibration alone
-    weight_range: WeightRange = "full"  # integer weight scales for every scheme: "absmax" = ModelOpt's
-    # what the schemes are for (lowbit.targets): openvino-cpu, onnxruntime-cpu and tensorrt score every scheme the
-    # target runs in low precision as its Q/DQ ONNX on the target's runtime, and openvino-cpu / onnxruntime-cpu
-    # time them there; size scores PyTorch fake quantization and recommends the smallest scheme
-    target: TargetName = DEFAULT_TARGET
-    activation: ActivationCalibration = Field(default_factory=ActivationCalibration)  # ranges of exported graphs
-    speed_threads: int | None = None  # runtime threads for timing (default: the runtime's own)
-    speed_reps: int = Field(30, ge=1)  # interleaved rounds of batch-1 latency
-    throughput_rounds: int = Field(8, ge=0)  # interleaved rounds of throughput (OpenVINO's THROUGHPUT hint); 0: none
-    # what a timed target's decision minimises: batch-1 latency, or throughput (then throughput_rounds > 0)
-    decide_by: Literal["latency", "throughput"] = "latency"
-    save_checkpoints: bool = False
-    finetune: FinetuneSpec | None = None
-    # random halves of the evaluation images behind each scheme's standard error of its Δ vs FP32 (0: none)
-    error_halves: int = Field(200, ge=0)
-
-    @model_validator(mode="after")
-    def _throughput_to_decide_by(self):
-        if self.decide_by == "throughput" and not self.throughput_rounds:
-            raise ValueError("decide_by: throughput needs throughput_rounds > 0")
-        return self
-
-    @field_validator("search", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, dict) else v
-
-    @classmethod
-    def load(cls, path: str | Path) -> "StudyConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise LowbitError(f"{path}: study config not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-            if not isinstance(raw, dict):
-                raise LowbitError(f"{path}: a study config is a yaml mapping")
-            # Paths in a config are relative to the config file, so a config travels with its data.
-            resolve = lambda v: str((path.parent / v).resolve()) if (path.parent / v).exists() else v  # noqa: E731
-            if isinstance(raw.get("model"), str):
-                raw["model"] = resolve(raw["model"])
-            for key in ("calib", "eval"):
-                if isinstance(raw.get(key), dict) and isinstance(raw[key].get("path"), str):
-                    raw[key]["path"] = resolve(raw[key]["path"])
-            raw["schemes"] = [resolve(s) for s in raw.get("schemes", [])]
-            for spec in [raw["search"]] if isinstance(raw.get("search"), dict) else raw.get("search") or []:
-                if isinstance(spec, dict) and isinstance(spec.get("latency_table"), str):
-                    spec["latency_table"] = resolve(spec["latency_table"])
-            return cls.model_validate(raw)
-        except yaml.YAMLError as e:
-            raise LowbitError(f"{path}: malformed yaml ({e})") from None
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise LowbitError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 class SchemeResult(BaseModel):
@@ -242,9 +138,6 @@ def _run_study(cfg: StudyConfig, out: str | Path | None, progress: bool, workers
     import onnx
     import torch
 
-    from lowbit import targets
-    from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
-    from lowbit.progress import step
     from lowbit.report.study_report import write_study_report
 
     if workers.world > 1:
@@ -354,8 +247,8 @@ def _schemes(ctx: StudyContext) -> tuple[dict[str, SensitivityReport], Path | No
     """(sensitivity reports, their stage folder, the study's schemes): the uniform formats, each search's
     allocations from the sensitivity stage, and the config's own manifests."""
     cfg, det, batches, data_key, progress = ctx.cfg, ctx.det, ctx.batches, ctx.data_key, ctx.progress
-    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weight_clip=cfg.weight_clip,
-                                                  imgsz=cfg.imgsz, weight_range=cfg.weight_range) for f in cfg.uniform]
+    manifests: list[Manifest] = [Manifest.uniform(cfg.model, det.layers(), f, weights=cfg, imgsz=cfg.imgsz)
+                                 for f in cfg.uniform]
 
     reports: dict[str, SensitivityReport] = {}
     sens_dir = sens_path = None
@@ -365,7 +258,7 @@ def _schemes(ctx: StudyContext) -> tuple[dict[str, SensitivityReport], Path | No
         methods = list(dict.fromkeys(s.method for s in searches))
         spec = cfg.sensitivity or SensitivitySpec(methods=methods, formats=formats)
         scfg = SensitivityConfig(model=cfg.model, calib=spec.scoring_data(cfg.calib), imgsz=cfg.imgsz, device=cfg.device,
-                                 weight_clip=cfg.weight_clip, weight_range=cfg.weight_range, target=cfg.target,
+                                 **cfg.weight_options(), target=cfg.target,
                                  **spec.model_dump(exclude={"images"}))
         st = ctx.stage("sensitivity", scfg.model_dump(mode="json"), data_key)
         sens_path = st.path
@@ -394,10 +287,10 @@ def search(ctx: StudyContext, s: SearchSpec, reports: dict[str, SensitivityRepor
         raise LowbitError(f"search.method {s.method!r} is not among the sensitivity methods {sorted(reports)}")
     if s.target is None and cfg.target != "size":
         s = s.model_copy(update={"target": cfg.target})
-    out = search_schemes(reports[s.method], s, cfg.weight_clip, cfg.weight_range, ctx.groups) if (
+    out = search_schemes(reports[s.method], s, cfg, ctx.groups) if (
         s.budgets or s.topk or s.pareto_points) else []
     if s.modelopt_budgets:
-        problem, _ = search_problem(reports[s.method], s, cfg.weight_clip, cfg.weight_range, ctx.groups)
+        problem, _ = search_problem(reports[s.method], s, cfg, ctx.groups)
         out += _modelopt_manifests(ctx, s, problem, scoring_batches(), sens_dir)
     return out
 
@@ -406,10 +299,6 @@ def _modelopt_manifests(ctx: StudyContext, s: SearchSpec, problem, calib_batches
     """ModelOpt auto_quantize's own allocation at each budget, from one cached scoring pass (the
     sensitivity stage's, when it ran the gradient method on the same formats)."""
     import shutil
-
-    from lowbit.formats import parse_format
-    from lowbit.sensitivity.base import SensitivityContext
-    from lowbit.sensitivity.gradient import modelopt_choice
 
     st = ctx.stage("modelopt-autoquant", ctx.data_key, s.formats)
     st.path.mkdir(parents=True, exist_ok=True)
@@ -425,7 +314,6 @@ def _modelopt_manifests(ctx: StudyContext, s: SearchSpec, problem, calib_batches
         out.append(problem.manifest(f"modelopt-autoquant-{b:g}", full, {"kind": "modelopt", "effective_bits": b}))
     st.finish()
     return out
-
 
 
 def _finetune_stage(ctx: StudyContext, results: list[SchemeResult], workers=None) -> list[SchemeResult]:
@@ -448,8 +336,6 @@ def _finetune_stage(ctx: StudyContext, results: list[SchemeResult], workers=None
 
 def _finetune_stage_one(ctx: StudyContext, results: list[SchemeResult],
                         pieces: list[tuple[str, int | None]]) -> list[SchemeResult]:
-    from lowbit.data.datasets import assert_disjoint
-
     cfg, det, run, calib, evalset, progress = ctx.cfg, ctx.det, ctx.run, ctx.calib, ctx.evalset, ctx.progress
 
     assert_disjoint(calib, evalset)
@@ -498,8 +384,6 @@ def _speed_stage(ctx: StudyContext, results: list[SchemeResult]) -> dict:
     import hashlib
     import platform
 
-    from lowbit.evaluate.bench import bench_models, host_cpu
-
     cfg, run = ctx.cfg, ctx.run
     timed = [r for r in results if r.artifact]
     host = host_cpu(cfg.speed_threads)
@@ -526,14 +410,11 @@ def _export_recommended(ctx: StudyContext, best: SchemeResult) -> dict:
     under ONNX Runtime."""
     import torch
 
-    from lowbit.export.onnx_qdq import export_qdq_onnx
     from lowbit.report.study_report import append_onnx_section
 
     cfg, det, run = ctx.cfg, ctx.det, ctx.run
     cb, eb = ctx.batches()
     if best.manifest.origin.get("kind") == "finetune":  # learned weights: from the fine-tune stage's checkpoint
-        from lowbit.quantize.apply import load_quantized
-
         net, _ = load_quantized(run.path / best.manifest.origin["checkpoint"], det)
     else:
         net = apply_manifest(det, best.manifest, cb)
@@ -541,8 +422,6 @@ def _export_recommended(ctx: StudyContext, best: SchemeResult) -> dict:
                            parity_images=torch.cat([b.images for b in cb])[:4])
     ort = evaluate(info.path, ctx.evalset, det.names, cfg.imgsz, 1, progress=ctx.progress, model_name=best.manifest.name,
                    batches=eb)
-    from lowbit import targets
-
     out = {"export": info.model_dump(), "ort_map50_95": ort.map50_95, "torch_map50_95": best.result.map50_95,
            "runtime": ort.runtime, "tensorrt": targets.check("tensorrt", best.manifest).summary()}
     append_onnx_section(run.path, best.manifest.name, out)
@@ -552,8 +431,6 @@ def _export_recommended(ctx: StudyContext, best: SchemeResult) -> dict:
 def demo_target() -> str:
     """The demo builds and times its artifacts on the CPU it runs on, so it writes them for that CPU: symmetric INT8
     activations where AMX runs them (openvino-amx), asymmetric UINT8 elsewhere (openvino-cpu)."""
-    from lowbit.evaluate.bench import host_cpu
-
     return "openvino-amx" if "amx_int8" in host_cpu()["isa"] else "openvino-cpu"
 
 
@@ -561,8 +438,6 @@ def run_demo(out: str | Path | None = None, progress: bool = True, quick: bool =
     """The demo study on the carried YOLOv10n and images (lowbit/assets/study-demo.yaml): (study summary,
     {method: sensitivity report}). A re-run with the same `out` resumes from the study's cache. `quick`: the same
     stages at a toy size (160 px, 8 images each), for tests."""
-    from lowbit.api import demo_assets
-
     out = Path(out or "runs/demo")
     cfg = StudyConfig.load(demo_assets()["study"])
     cfg = cfg.model_copy(update={"target": demo_target()})

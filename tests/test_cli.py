@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -98,14 +99,16 @@ def test_quantize_saves_a_checkpoint_that_eval_reads(tmp_path, assets):
 
 
 def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a refused run still logs to runs/<verb>-<time> under the working directory
+    """Every refusal: exit 2, a line starting "Error:" that names the culprit, and no run folder left behind
+    (runs/<verb>-<time> under the working directory) unless it holds work done, marked FAILED."""
+    monkeypatch.chdir(tmp_path)
     cases = [
         (["eval", "-m", str(tmp_path / "none.pt"), "-d", assets["val"]], "none.pt: model file not found"),
         (["eval", "-m", assets["model"], "-d", str(tmp_path)], "no images"),
         (["quantize", "-m", assets["model"], "-f", "W5A5", "--calib", assets["calib"]], "unknown format 'W5A5'"),
         (["eval", "-m", str(tmp_path / "x.onnx"), "-d", assets["val"]], "x.onnx: ONNX file not found"),
         (["check-qdq", str(tmp_path / "x.onnx")], "x.onnx: ONNX file not found"),
-        (["check-qdq", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX model"),
+        (["check-qdq", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX file"),
         (["finetune", "-c", str(tmp_path), "--train", assets["calib"], "--recipe", "w5"], "unknown recipe 'w5'"),
         (["eval", "-m", assets["model"], "-d", assets["val"], "--imgsz", "100"],
          "image size 100 must be a positive multiple of the model's stride 32"),
@@ -128,14 +131,23 @@ def test_bad_inputs_exit_2_with_the_culprit_named(tmp_path, assets, capsys, monk
             main()
         assert e.value.code == 2
         printed = "".join(capsys.readouterr().out.split())  # rich wraps long paths anywhere
-        assert "".join(msg.split()) in printed, (args, printed)
+        assert "Error:" in printed and "".join(msg.split()) in printed.split("Error:", 1)[1], (args, printed)
+        for left in (tmp_path / "runs").glob("*"):  # only a run that did work (bench's notes) stays, marked
+            assert args[0] == "bench" and (left / "FAILED").is_file() and (left / "results.json").is_file(), left
+            shutil.rmtree(left)
+    kept = tmp_path / "kept"  # a folder the user named and that existed keeps its files, marked FAILED
+    kept.mkdir()
+    sys.argv = ["lowbit", "eval", "-m", str(tmp_path / "none.pt"), "-d", assets["val"], "-o", str(kept)]
+    with pytest.raises(SystemExit):
+        main()
+    assert (kept / "FAILED").is_file() and "none.pt" in (kept / "FAILED").read_text()
 
 
 def test_compare_pairs_the_runs_and_names_a_bad_one(tmp_path, assets, capsys):
     """Two evaluations of one model differ by exactly 0 on every half of the images (the halves are shared); the
     gap of collapsed INT4 (ModelOpt's max calibration alone) is resolved; runs that cannot be paired are
     refused, naming the run."""
-    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W4A16", "--clip", "max", "--range", "absmax",
+    r = runner.invoke(app, ["quantize", "-m", assets["model"], "-f", "W4A16", "--rounding", "nearest", "--range", "absmax",
                             "--calib", assets["calib"],
                             "--calib-images", "4", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
@@ -175,7 +187,7 @@ def test_search_quantize_export_bench_chain_on_the_cli(tmp_path, assets):
     (`export`), and a timed, output-checked graph (`bench`)."""
     common = ["-m", "yolov10n.yaml", "--imgsz", "64"]
     r = runner.invoke(app, ["sensitivity", *common, "--calib", assets["calib"], "--calib-images", "4", "--method",
-                            "distortion", "-f", "W8A8", "--clip", "max", "--layers", "model.2.*,model.4.*",
+                            "distortion", "-f", "W8A8", "--rounding", "nearest", "--layers", "model.2.*,model.4.*",
                             "-o", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", "-s", str(tmp_path / "s" / "distortion"), "-f", "W8A8", "--topk", "3",

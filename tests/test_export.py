@@ -10,7 +10,9 @@ from lowbit.errors import LowbitError
 from lowbit.export.onnx_qdq import export_float_onnx, export_qdq_onnx
 from lowbit.formats import parse_format
 from lowbit.quantize.apply import apply_manifest
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightOptions
+
+NEAREST = WeightOptions(rounding="nearest")  # ModelOpt's max calibration alone
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_fp8_schemes_read_the_image_in_int8(tmp_path, tiny, tiny_batches):
 
     layers = tiny.layers()
     assert [x.name for x in layers if x.reads_image] == ["model.0.conv"]
-    m = Manifest.uniform("yolov10n.yaml", layers, "W8A8-FP8:pc", weight_clip="max", imgsz=64)
+    m = Manifest.uniform("yolov10n.yaml", layers, "W8A8-FP8:pc", weights=NEAREST, imgsz=64)
     assert m.layers["model.0.conv"].name == "W8A8" and m.origin["image_input"] == {"model.0.conv": "W8A8"}
     assert {f.name for n, f in m.layers.items() if n != "model.0.conv"} == {"W8A8-FP8:pc"}
     assert Manifest.uniform("yolov10n.yaml", layers, "W4A8-FP8").layers["model.0.conv"].name == "W4A8"
@@ -123,7 +125,7 @@ def test_bench_times_present_runtimes_checks_outputs_and_lists_absent_ones(tmp_p
     from lowbit.data.loader import Batch
     from lowbit.evaluate import bench, runners
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max", imgsz=64)
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weights=NEAREST, imgsz=64)
     info = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="openvino-cpu",
                            calib_images=tiny_batches[0].images.numpy())
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
@@ -178,13 +180,13 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     assert len(conv_layers(float_model)) == 83 and [o.name for o in float_model.graph.output] == ["output0"]
     x = tiny_batches[0].images[:1]
     ref = OrtRunner(src)(x)
-    m = uniform_manifest(float_model, str(src), "W8A16", "max")
+    m = uniform_manifest(float_model, str(src), "W8A16", "nearest")
     assert "model.23.dfl.conv" not in m.layers and len(m.layers) == 82
     w8 = quantize_onnx(src, m, tmp_path / "w8.onnx")
     out = OrtRunner(w8.path)(x)
     assert w8.weight_dtypes == {"int8": 82} and torch.allclose(out, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
     # full-range INT4 scales (the default): the same codes as the PyTorch path's
-    w4m = uniform_manifest(float_model, str(src), "W4A16", "max")
+    w4m = uniform_manifest(float_model, str(src), "W4A16", "nearest")
     native = quantize_onnx(src, w4m, tmp_path / "w4n.onnx", target="size")
     assert native.deployable and not targets.check("openvino-cpu", w4m).deployable
     via_torch = export_qdq_onnx(tiny.net, apply_manifest(tiny, w4m, tiny_batches), w4m, tmp_path / "w4t.onnx", target="tensorrt")
@@ -217,15 +219,15 @@ def test_onnx_native_path_needs_no_pytorch(tmp_path, tiny, tiny_batches):
     assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
     assert torch.allclose(OrtRunner(s8.path)(x), OrtRunner(u8.path)(x), atol=0.2 * float(ref.abs().max()))
     with pytest.raises(LowbitError, match="activation formats need calibration images"):
-        quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8", "max"), tmp_path / "x.onnx")
-    bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")}, weight_clip="max")
+        quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A8", "nearest"), tmp_path / "x.onnx")
+    bad = Manifest(name="b", model=str(src), layers={"model.99.conv": parse_format("W8A16")}, rounding="nearest")
     with pytest.raises(LowbitError, match="names layer 'model.99.conv'"):
         quantize_onnx(src, bad, tmp_path / "y.onnx")
-    gptq = Manifest(name="g", model=str(src), layers={"model.0.conv": parse_format("W4A16")}, weight_clip="gptq")
+    gptq = Manifest(name="g", model=str(src), layers={"model.0.conv": parse_format("W4A16")}, rounding="gptq")
     with pytest.raises(LowbitError, match="GPTQ weight rounding on the graph needs calibration images"):
         quantize_onnx(src, gptq, tmp_path / "z.onnx")
-    seq = gptq.model_copy(update={"weight_clip": "gptq-seq"})
-    with pytest.raises(LowbitError, match="asks for gptq-seq weight rounding, which needs the PyTorch model"):
+    seq = gptq.model_copy(update={"rounding": "gptq-seq"})
+    with pytest.raises(LowbitError, match="rounding 'gptq-seq', which needs the PyTorch model"):
         quantize_onnx(src, seq, tmp_path / "z.onnx")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "z.onnx").exists()
 
@@ -245,31 +247,32 @@ def test_gptq_on_the_graph_keeps_the_grid_and_lowers_the_layer_error(tmp_path, t
     src.write_bytes(float_model.SerializeToString())
     images = torch.cat([b.images for b in tiny_batches]).numpy()
     got = {}
-    for clip in ("max", "gptq"):
-        info = quantize_onnx(src, uniform_manifest(float_model, str(src), fmt, clip), tmp_path / f"{clip}.onnx", images,
-                             "size")
-        got[clip] = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(info.path).graph.initializer
+    for rounding in ("nearest", "gptq"):
+        info = quantize_onnx(src, uniform_manifest(float_model, str(src), fmt, rounding), tmp_path / f"{rounding}.onnx",
+                             images, "size")
+        assert info.rounding == rounding and info.source == "onnx"
+        got[rounding] = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(info.path).graph.initializer
                      if i.name.endswith((".weight_q", ".weight_scale"))}
-    assert got["max"].keys() == got["gptq"].keys() and len(got["max"]) == 2 * 82
-    scales = [k for k in got["max"] if k.endswith("_scale")]
-    assert all(np.array_equal(got["max"][k], got["gptq"][k]) for k in scales)  # the same grid
-    codes = [k for k in got["max"] if k.endswith("_q")]
-    moved = sum(int((got["max"][k].astype(np.int32) != got["gptq"][k].astype(np.int32)).sum()) for k in codes)
+    assert got["nearest"].keys() == got["gptq"].keys() and len(got["nearest"]) == 2 * 82
+    scales = [k for k in got["nearest"] if k.endswith("_scale")]
+    assert all(np.array_equal(got["nearest"][k], got["gptq"][k]) for k in scales)  # the same grid
+    codes = [k for k in got["nearest"] if k.endswith("_q")]
+    moved = sum(int((got["nearest"][k].astype(np.int32) != got["gptq"][k].astype(np.int32)).sum()) for k in codes)
     assert moved > 0
-    refs = {n: r for n, r in conv_layers(float_model).items() if f"{n}.weight_q" in got["max"]}
+    refs = {n: r for n, r in conv_layers(float_model).items() if f"{n}.weight_q" in got["nearest"]}
     dense = {n: r for n, r in refs.items() if conv_weights(float_model, {n: r})[n].shape[1] > 1}  # groups == 1
     _, grams = collect_input_stats(float_model, [], images, gram_convs=dense)
     weights = conv_weights(float_model, dense)
     err = {}
-    for clip, t in got.items():
+    for rounding, t in got.items():
         total = 0.0
         for n, g in grams.items():
             w = weights[n].astype(np.float64)
             q, sc = t[f"{n}.weight_q"].astype(np.float64), t[f"{n}.weight_scale"].astype(np.float64)
             e = (q * sc.reshape(-1, *[1] * (q.ndim - 1)) - w).reshape(w.shape[0], -1)
             total += float(np.einsum("ok,kl,ol->", e, (g.h[0] / g.n).double().numpy(), e))
-        err[clip] = total
-    assert err["gptq"] < 0.9 * err["max"], err
+        err[rounding] = total
+    assert err["gptq"] < 0.9 * err["nearest"], err
 
 
 def test_calibrators_choose_the_ranges_they_promise():
@@ -355,7 +358,7 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     from lowbit.search import allocate
     from lowbit.sensitivity.report import build_report
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weights=NEAREST)
     q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="tensorrt")
     onnx.save(export_float_onnx(tiny.net, 64), str(tmp_path / "f.onnx"))
     table = latency_table(tmp_path / "f.onnx", {"W8A8": q.path}, threads=1, reps=2, probe_switches=False)
@@ -379,9 +382,10 @@ def test_latency_table_maps_every_conv_to_its_layer(tmp_path, tiny, tiny_batches
     assert p.total(full)[1] <= limit + 1e-9  # (at 64 px int8 convs are not always the cheaper choice)
 
     # the study's search takes the same table from its config
-    from lowbit.api import DataConfig
+    from lowbit.config import DataConfig
     from lowbit.io import write_json
-    from lowbit.study import SearchSpec, StudyConfig, StudyContext, search
+    from lowbit.config import SearchSpec, StudyConfig
+    from lowbit.study import StudyContext, search
 
     write_json(tmp_path / "t.json", table)
     cfg = StudyConfig(model="m", calib=DataConfig(path="c"), eval=DataConfig(path="e"))
@@ -411,7 +415,7 @@ def test_mixed_graph_edges_and_switch_priced_search(tmp_path, tiny, tiny_batches
     from lowbit.search import allocate
     from lowbit.sensitivity.report import build_report
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weight_clip="max")
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A8", weights=NEAREST)
     q = export_qdq_onnx(tiny.net, apply_manifest(tiny, m, tiny_batches), m, tmp_path / "q.onnx", target="tensorrt")
     onnx.save(export_float_onnx(tiny.net, m.imgsz), str(tmp_path / "f.onnx"))
     edges = conv_edges(tmp_path / "f.onnx")

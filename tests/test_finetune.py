@@ -9,7 +9,9 @@ from lowbit.errors import LowbitError
 from lowbit.finetune.blockwise import RECIPES, AdaRoundConfig, finetune, head_loss
 from lowbit.models.ultralytics import head_maps as _head
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized, verify
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightOptions
+
+NEAREST = WeightOptions(rounding="nearest")  # ModelOpt's max calibration alone
 
 IMGSZ = 128
 
@@ -31,7 +33,7 @@ def batches(assets):
 
 @pytest.fixture(scope="module")
 def w4(small, batches):
-    m = Manifest.uniform(small.source, small.layers(), "W4A16", weight_clip="max", imgsz=IMGSZ)
+    m = Manifest.uniform(small.source, small.layers(), "W4A16", weights=NEAREST, imgsz=IMGSZ)
     return m, apply_manifest(small, m, batches)
 
 

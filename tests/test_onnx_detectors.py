@@ -256,7 +256,7 @@ def test_boxes_and_scores_graph_decodes_as_torchvision_and_runs_every_verb(tmp_p
     assert len(conv_layers(load_graph(path))) == 8
     x = torch.rand(2, 3, SIZE, SIZE)
     outs = make_runner(path).chunks(x)  # the static batch-1 graph runs image by image
-    assert detect_decoder(list(outs[0]), 80, SIZE, [8, 16, 32]) == "boxes-scores"
+    assert detect_decoder(list(outs[0]), 80, SIZE) == "boxes-scores"
     ours = [p for o in outs for p in decode(o, ModelCard(), 80, SIZE)]
     with torch.no_grad():
         ref = _reference_boxes_scores(*net(x))

@@ -4,7 +4,9 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import PRESETS, Format
 from lowbit.quantize.apply import apply_manifest, load_quantized, save_quantized, verify
-from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.manifest import Manifest, WeightOptions
+
+NEAREST = WeightOptions(rounding="nearest")  # ModelOpt's max calibration alone
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def tiny_calib(tiny):
 def test_each_preset_quantizes_exactly_what_it_says(tiny, tiny_calib, fmt):
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weight_clip="max")  # ModelOpt's formats, exactly
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weights=NEAREST)  # ModelOpt's formats, exactly
     net = apply_manifest(tiny, m, tiny_calib)
     f = m.layers["model.0.conv"]
     wq = net.get_submodule("model.0.conv").weight_quantizer
@@ -49,7 +51,7 @@ def test_mixed_manifest_and_save_restore_round_trip(tmp_path, tiny, tiny_calib):
 
 
 def test_verify_catches_a_wrong_format(tiny, tiny_calib):
-    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16", weight_clip="max")
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16", weights=NEAREST)
     net = apply_manifest(tiny, m, tiny_calib)
     wrong = dict(m.layers)
     wrong["model.2.cv1.conv"] = PRESETS["W4A16"]
@@ -101,7 +103,7 @@ def test_full_range_scales_reach_the_negative_level_and_clip_no_weight(tiny, tin
     dominates, every step is as fine or finer, and every weight stays within half a step of its grid point."""
     nets = {}
     for rng in ("absmax", "full"):
-        m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weight_clip="max")
+        m = Manifest.uniform("yolov10n.yaml", tiny.layers(), fmt, weights=NEAREST)
         m.weight_range = rng
         nets[rng] = apply_manifest(tiny, m, tiny_calib)
     per_channel = m.layers["model.0.conv"].weight.granularity == "per_channel"
@@ -181,7 +183,7 @@ def sequential_w4(assets):
     det = load_detector(assets["model"], imgsz=96)
     batches = make_batches(load_dataset(assets["calib"]).subset(4), 96, 2)
     before = {k: v.clone() for k, v in det.net.state_dict().items()}
-    net = apply_manifest(det, Manifest.uniform(det.source, det.layers(), "W4A16", weight_clip="gptq-seq", imgsz=96),
+    net = apply_manifest(det, Manifest.uniform(det.source, det.layers(), "W4A16", weights=WeightOptions(rounding="gptq-seq"), imgsz=96),
                          batches)
     return det, before, net, batches
 

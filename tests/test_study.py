@@ -3,9 +3,10 @@ import json
 import pytest
 import yaml
 
-from lowbit.api import DataConfig
+from lowbit.config import DataConfig
 from lowbit.errors import LowbitError
-from lowbit.study import SensitivitySpec, StudyConfig, run_study
+from lowbit.config import SensitivitySpec, StudyConfig
+from lowbit.study import run_study
 
 
 def _write(tmp_path, assets, budgets):
@@ -89,7 +90,7 @@ def test_study_finetune_stage_adds_tuned_rows_and_caches_them(tmp_path, assets):
 
 def test_openvino_study_scores_artifacts_on_openvino_and_recommends_a_deployable_one(tmp_path, assets):
     cfg = {"name": "ov", "model": assets["model"], "imgsz": 160, "eval_batch": 4, "target": "openvino-cpu",
-           "weight_clip": "max", "calib": {"path": assets["calib"], "max_images": 8},
+           "rounding": "nearest", "calib": {"path": assets["calib"], "max_images": 8},
            "eval": {"path": assets["val"], "max_images": 6}, "search": [], "uniform": ["W8A8", "W4A16"],
            "max_drop_points": [100], "speed_reps": 3, "speed_threads": 1, "throughput_rounds": 2}
     p = tmp_path / "study.yaml"

@@ -30,6 +30,9 @@ class Preprocess(BaseModel):
     # stretch: resized to the square, aspect not kept
     resize: Literal["letterbox", "letterbox-corner", "stretch"] = "letterbox"
     pad: int = 114
+    # OpenCV's interpolation for letterbox-corner and stretch (PaddleDetection resizes with cubic); letterbox is
+    # Ultralytics' own, bilinear
+    interp: Literal["linear", "cubic", "area"] = "linear"
 
     @property
     def is_default(self) -> bool:
@@ -42,6 +45,8 @@ PREPROCESS_PRESETS = {
     "yolox": Preprocess(color="bgr", scale=1.0, resize="letterbox-corner"),
     "torchvision": Preprocess(resize="stretch"),  # its graphs normalize inside
     "imagenet": Preprocess(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    # PaddleDetection's eval reader (PP-PicoDet, PP-YOLOE): RGB, stretched with cubic interpolation, ImageNet stats
+    "paddle": Preprocess(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], resize="stretch", interp="cubic"),
 }
 
 
@@ -109,6 +114,9 @@ def truncated_jpeg(path) -> bool:
     return not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
+_INTERP = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+
+
 def letterbox(record: ImageRecord, imgsz: int, pre: Preprocess | None = None) -> Letterboxed:
     pre = pre or Preprocess()
     if truncated_jpeg(record.path):  # libjpeg decodes what is there, grey below, and only warns on stderr
@@ -126,10 +134,10 @@ def letterbox(record: ImageRecord, imgsz: int, pre: Preprocess | None = None) ->
     elif pre.resize == "letterbox-corner":  # YOLOX's preproc: resized into the top-left corner
         r = min(imgsz / h, imgsz / w)
         out = np.full((imgsz, imgsz, 3), pre.pad, np.uint8)
-        out[:int(h * r), :int(w * r)] = cv2.resize(img, (int(w * r), int(h * r)), interpolation=cv2.INTER_LINEAR)
+        out[:int(h * r), :int(w * r)] = cv2.resize(img, (int(w * r), int(h * r)), interpolation=_INTERP[pre.interp])
         geometry = (r, r), (0.0, 0.0)
     else:
-        out = cv2.resize(img, (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(img, (imgsz, imgsz), interpolation=_INTERP[pre.interp])
         geometry = (imgsz / w, imgsz / h), (0.0, 0.0)
     if pre.color == "rgb":
         out = out[..., ::-1]
@@ -161,6 +169,12 @@ class Batch:
         return {"batch_idx": torch.from_numpy(np.concatenate(idx)),
                 "cls": torch.from_numpy(np.concatenate(cls)),
                 "bboxes": torch.from_numpy(np.concatenate(boxes).astype(np.float32))}
+
+
+def image_array(dataset, imgsz: int, preprocess: Preprocess | None = None) -> np.ndarray:
+    """Every image of `dataset` as the network takes it, in one [N, 3, imgsz, imgsz] float32 array (calibration
+    on a graph)."""
+    return torch.cat([b.images for b in make_batches(dataset, imgsz, 8, preprocess=preprocess)]).numpy()
 
 
 def make_batches(dataset: Dataset, imgsz: int = 640, batch_size: int = 8, progress: bool = False,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.onnx_detector import openvino_model_file
+from lowbit.models.onnx_detector import openvino_model_file, quiet_session_options
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-f32")
 
@@ -122,9 +122,7 @@ class OrtRunner(_GraphRunner):
             # onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* pip packages (PyTorch's) only when asked;
             # otherwise the session quietly falls back to the CPU
             ort.preload_dlls()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = quiet_session_options(threads)
         # ONNX Runtime's idle threads spin on the cores after each run; interleaved with another runtime's
         # inference (lowbit bench) that spinning would be timed as the other runtime's slowness
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

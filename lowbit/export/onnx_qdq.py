@@ -13,27 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from lowbit.errors import LowbitError
 from lowbit.quantize.manifest import Manifest
-from lowbit.quantize.qdq import OPSET
+from lowbit import targets
+from lowbit.models.onnx_detector import quiet_session_options
+from lowbit.quantize.onnx_ptq import QdqOnnxInfo, quantize_graph, write_graph
+from lowbit.quantize.qdq import OPSET, conv_layers
 from lowbit.targets import DEFAULT_TARGET
-
-
-class ExportInfo(BaseModel):
-    path: str
-    target: str
-    layers_quantized: int
-    weight_dtypes: dict[str, int]  # dtype -> count of Conv weights stored in it
-    activation_qdq: int
-    activation_dtype: str | None = None
-    activations_kept_float: dict[str, float] = {}  # layer -> the share of its input's signal INT8 would have lost
-    deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
-    deploy_note: str
-    size_mb: float
-    parity_max_abs: float | None = None
-    parity_mean_abs: float | None = None
 
 
 def _amax(q) -> np.ndarray:
@@ -80,14 +67,10 @@ def ultralytics_metadata(net: torch.nn.Module, imgsz: int) -> dict:
 
 def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest: Manifest, path: str | Path,
                     parity_images: torch.Tensor | None = None, target: str = DEFAULT_TARGET,
-                    calib_images: np.ndarray | None = None, calibration=None) -> ExportInfo:
+                    calib_images: np.ndarray | None = None, calibration=None) -> QdqOnnxInfo:
     """Write a Q/DQ ONNX of `manifest` for `target` (lowbit.targets); with `calib_images`, activation ranges are
     calibrated on the graph, otherwise ModelOpt's are used. With `parity_images`, ONNX Runtime's raw outputs are
     compared with the fake-quant model's."""
-    from lowbit import targets
-    from lowbit.quantize.onnx_ptq import quantize_graph, write_graph
-    from lowbit.quantize.qdq import conv_layers
-
     tgt = targets.get_target(target)
     model = export_float_onnx(net_float, manifest.imgsz)
     layers = conv_layers(model)
@@ -101,13 +84,13 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
                 for n, f in manifest.layers.items() if f.act is not None} if calib_images is None else None
     done = quantize_graph(model, manifest, calib_images, tgt.act_dtype, calibration, weights, act_amax, layers,
                           placement=tgt.placement)
-    data, verdict = write_graph(model, path, done.pop("manifest"), layers, target, manifest.name)
-    info = ExportInfo(path=str(path), target=target, layers_quantized=len(manifest.layers), size_mb=len(data) / 1e6,
-                      deployable=verdict.deployable, deploy_note=verdict.summary(), **done)
+    info, data = write_graph(model, path, done, layers, target, manifest, "checkpoint",
+                             calibration=calibration if calib_images is not None else None,
+                             calibration_images=0 if calib_images is None else len(calib_images))
     if parity_images is not None:
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, quiet_session_options(), providers=["CPUExecutionProvider"])
         diffs = []
         dev = next(qnet.parameters()).device
         with torch.no_grad():

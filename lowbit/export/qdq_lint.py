@@ -62,7 +62,7 @@ def check_qdq(path: str | Path) -> QdqReport:
     try:
         g = onnx.load(str(path)).graph
     except Exception as e:  # protobuf's errors name no file
-        raise LowbitError(f"{path}: not a readable ONNX model ({e})") from None
+        raise LowbitError(f"{path}: not a readable ONNX file ({e})") from None
     inits = {t.name: t for t in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
     producer = {o: n for n in g.node for o in n.output}

@@ -12,7 +12,7 @@ trainer needs labels and trains in train mode, where YOLOv10 detaches the one-to
 the backbone. Here the model stays in eval mode; batch norm is folded at load, so no running statistics can drift.
 
 The two recipes are the measured ones (docs/results.md, "Fine-tuning"): `w4` for uniform INT4 weights (learned
-steps, MSE blocks, from a `--clip gptq-seq` start), `mixed` for mixed INT4/INT8 schemes (MSE + Fisher blocks, from
+steps, MSE blocks, from a `--rounding gptq-seq` start), `mixed` for mixed INT4/INT8 schemes (MSE + Fisher blocks, from
 a GPTQ start). End-to-end distillation, weight-training block reconstruction, end-to-end rounding, mosaics, flips,
 learned biases and the other variants measured did not help and were removed (docs/notebook/).
 """

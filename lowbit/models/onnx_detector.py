@@ -4,20 +4,26 @@ A model card says it: preprocessing (lowbit.data.loader.Preprocess), the decoder
 `<model>.lowbit.yaml` beside the graph, from command-line options (`--preprocess`, `--decoder`), or, where the
 graph says enough, from its outputs: one output of [B, N, 6], [B, 4+nc, A] or [B, 4*16+nc, A] is an Ultralytics
 head; one of [B, A, 5+nc] with A the anchor points of strides 8/16/32 at the input size is an anchor-free head
-with objectness (YOLOX); boxes, scores and labels without a batch axis are a graph with NMS inside (torchvision's
-SSD / RetinaNet / Faster R-CNN exports); boxes [B, A, 4] beside scores [B, A, C] need NMS outside. Preprocessing
+with objectness (YOLOX); per level a score map [B, A_l, C] and a box-distribution map [B, A_l, 4 (reg_max + 1)]
+are a generalized-focal-loss head (GFL: PP-PicoDet, NanoDet); boxes, scores and labels without a batch axis are a
+graph with NMS inside (torchvision's SSD / RetinaNet / Faster R-CNN exports); boxes [B, A, 4] beside scores
+[B, A, C] need NMS outside. Preprocessing
 cannot be read from a graph: a card or `--preprocess` sets it (Ultralytics' is the default).
 
 Decoders follow each framework's own evaluation post-processing, so lowbit's mAP is the framework's:
 - ultralytics: lowbit.models.decode (Ultralytics' validator settings);
 - yolox: YOLOX's `postprocess` as its COCO evaluator calls it (boxes from grid offsets and exp sizes per stride,
   score = objectness x best class score, one class per anchor, class-aware NMS at IoU 0.65, score >= 0.01);
+- gfl: PaddleDetection's GFL post-processing (each side's distance the expectation of a softmax over reg_max + 1
+  bins, times the stride, from cell points (i + cell_offset) * stride; per class score > 0.025, the 1000 best,
+  NMS at IoU 0.6; 100 per image);
 - boxes-scores: per class, score > 0.001, class-aware NMS at IoU 0.5, 100 per image;
 - nms-inside: the graph's own boxes, scores and labels.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Literal
 
@@ -27,16 +33,22 @@ from pydantic import BaseModel, Field, ValidationError
 from lowbit.data.loader import Preprocess, parse_preprocess
 from lowbit.errors import LowbitError
 
-DECODERS = ("auto", "ultralytics", "yolox", "boxes-scores", "nms-inside")
+DECODERS = ("auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside")
+# which card keys shape each decoder (named in errors)
+DECODER_KEYS = {"ultralytics": "", "yolox": "strides", "gfl": "strides, reg_max, cell_offset",
+                "boxes-scores": "boxes", "nms-inside": "boxes"}
 
 
 class ModelCard(BaseModel):
     preprocess: Preprocess = Field(default_factory=Preprocess)
-    decoder: Literal["auto", "ultralytics", "yolox", "boxes-scores", "nms-inside"] = "auto"
+    decoder: Literal["auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside"] = "auto"
     # coco80: class i is the i-th COCO category in id order (Ultralytics, YOLOX); coco91: class i is COCO category
     # id i (torchvision); or an explicit {index: name}; None: the graph's own names, else coco80
     classes: Literal["coco80", "coco91"] | dict[int, str] | None = None
-    strides: list[int] = Field(default_factory=lambda: [8, 16, 32])  # yolox
+    # yolox, gfl: one stride per output level (gfl default: 8, 16, 32, ... for as many levels as the graph has)
+    strides: list[int] | None = None
+    reg_max: int | None = None  # gfl: bins per box side minus one (default: read off the distribution maps)
+    cell_offset: float = 0.5  # gfl: a cell's point is (index + cell_offset) * stride (PP-PicoDet, NanoDet: 0.5)
     boxes: Literal["pixels", "normalized"] = "pixels"  # boxes-scores / nms-inside: coordinates of the boxes output
 
 
@@ -101,13 +113,23 @@ def read_onnx(path: str | Path):
         raise LowbitError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
 
 
-def graph_input_size(path: str | Path) -> int | None:
-    """The square input size of a graph with a static input, else None."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        import onnx
+def quiet_session_options(threads: int | None = None):
+    """ONNX Runtime session options without its warnings (e.g. initializers listed as graph inputs, common in older
+    exports), which are not the user's to act on."""
+    import onnxruntime as ort
 
-        dims = read_onnx(path).graph.input[0].type.tensor_type.shape.dim
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def graph_input_size(path: str | Path, graph=None) -> int | None:
+    """The square input size of a graph with a static input, else None (`graph`: the .onnx already read)."""
+    path = Path(path)
+    if graph is not None or path.suffix == ".onnx":
+        dims = (graph or read_onnx(path)).graph.input[0].type.tensor_type.shape.dim
         hw = [d.dim_value if d.HasField("dim_value") else None for d in dims][-2:]
     else:
         import openvino as ov
@@ -115,6 +137,41 @@ def graph_input_size(path: str | Path) -> int | None:
         ps = ov.Core().read_model(str(openvino_model_file(path))).input(0).partial_shape
         hw = [d.get_length() if d.is_static else None for d in ps][-2:]
     return hw[0] if len(hw) == 2 and hw[0] and hw[0] == hw[1] else None
+
+
+def is_graph(path: Path) -> bool:
+    return path.suffix in (".onnx", ".xml") or path.is_dir() and any(path.glob("*.xml"))
+
+
+def graph_names(path: Path) -> dict[int, str] | None:
+    """Class names an exported graph carries: Ultralytics writes them into an ONNX's metadata and into the
+    metadata.yaml beside an OpenVINO IR, as a Python dict literal or a mapping."""
+    if path.suffix == ".onnx":
+        meta = {p.key: p.value for p in read_onnx(path).metadata_props}
+        names = meta.get("names")
+        return {int(k): v for k, v in ast.literal_eval(names).items()} if names else None
+    meta = path.parent / "metadata.yaml"
+    if meta.is_file():
+        import yaml
+
+        names = (yaml.safe_load(meta.read_text()) or {}).get("names")
+        return {int(k): v for k, v in names.items()} if isinstance(names, dict) else None
+    return None
+
+
+def graph_card(model: str | Path, imgsz: int | None, preprocess: str | None = None, decoder: str | None = None,
+               graph=None) -> tuple[ModelCard, int]:
+    """(model card, input size) of an .onnx: the card beside it with the options on top; the graph's own static
+    input size unless `imgsz` says otherwise (and then they must agree). `graph`: the file already read."""
+    if graph is None and not Path(model).is_file():
+        raise LowbitError(f"{model}: ONNX file not found")
+    size = graph_input_size(model, graph)
+    if imgsz is not None and size is not None and imgsz != size:
+        raise LowbitError(f"{model}: its input takes {size}x{size} images, not {imgsz}")
+    size = imgsz or size or 640
+    if size <= 0 or size % 32:
+        raise LowbitError(f"{model}: image size {size} must be a positive multiple of 32")
+    return load_card(model, preprocess, decoder), size
 
 
 def class_names(card: ModelCard, graph_names: dict[int, str] | None, dataset) -> dict[int, str]:
@@ -137,40 +194,113 @@ def _shapes(outputs) -> list[tuple]:
     return [tuple(o.shape) for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])]
 
 
-def detect_decoder(outputs, nc: int, imgsz: int, strides: list[int]) -> str:
-    """The decoder the outputs' shapes call for, or a clear error."""
+def _gfl_levels(outs: list, nc: int) -> tuple[list, list] | None:
+    """(score maps, distribution maps) of a GFL head, level by level, or None when the outputs are not one."""
+    if len(outs) < 2 or len(outs) % 2 or any(o.ndim != 3 for o in outs):
+        return None
+    scores = [o for o in outs if o.shape[-1] == nc]
+    dists = [o for o in outs if o.shape[-1] != nc]
+    if len(scores) != len(dists) or any(d.shape[-1] % 4 or d.shape[-1] < 8 for d in dists):
+        return None
+    if [s.shape[1] for s in scores] != [d.shape[1] for d in dists]:
+        return None
+    return scores, dists
+
+
+def _fits(kind: str, outs: list, nc: int, imgsz: int, card: ModelCard) -> bool:
     from lowbit.models.decode import REG_MAX
 
-    outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-    if len(outs) == 1:
+    if kind == "ultralytics":
         o = outs[0]
-        if o.ndim == 3 and (o.shape[-1] == 6 and o.shape[1] <= 1000 or o.shape[1] in (4 + nc, 4 * REG_MAX + nc)):
-            return "ultralytics"
-        anchors = sum((imgsz // s) ** 2 for s in strides)
-        if o.ndim == 3 and o.shape[1] == anchors and o.shape[2] > 5:
-            return "yolox"
-    if len(outs) == 3 and sorted(o.ndim for o in outs) == [1, 1, 2]:
-        return "nms-inside"
-    if len(outs) == 2 and all(o.ndim == 3 for o in outs) and 4 in (outs[0].shape[-1], outs[1].shape[-1]):
-        return "boxes-scores"
+        return len(outs) == 1 and o.ndim == 3 and (o.shape[-1] == 6 and o.shape[1] <= 1000
+                                                   or o.shape[1] in (4 + nc, 4 * REG_MAX + nc))
+    if kind == "yolox":
+        anchors = sum((imgsz // s) ** 2 for s in card.strides or [8, 16, 32])
+        return len(outs) == 1 and outs[0].ndim == 3 and outs[0].shape[1] == anchors and outs[0].shape[2] > 5
+    if kind == "gfl":
+        levels = _gfl_levels(outs, nc)
+        return levels is not None and [s.shape[1] for s in levels[0]] == [
+            (-(-imgsz // s)) ** 2 for s in _gfl_strides(card, len(levels[0]))]
+    if kind == "nms-inside":
+        return len(outs) == 3 and sorted(o.ndim for o in outs) == [1, 1, 2]
+    return len(outs) == 2 and all(o.ndim == 3 for o in outs) and 4 in (outs[0].shape[-1], outs[1].shape[-1])
+
+
+def _gfl_strides(card: ModelCard, levels: int) -> list[int]:
+    return card.strides or [8 * 2 ** i for i in range(levels)]
+
+
+def detect_decoder(outputs, nc: int, imgsz: int, card: ModelCard | None = None) -> str:
+    """The decoder the outputs' shapes call for, or a clear error."""
+    card = card or ModelCard()
+    outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    for kind in ("ultralytics", "yolox", "gfl", "nms-inside", "boxes-scores"):
+        if _fits(kind, outs, nc, imgsz, card):
+            return kind
     raise LowbitError(f"cannot decode model outputs of shapes {_shapes(outputs)}: not a detector head lowbit knows "
-                      "(Ultralytics, anchor-free with objectness, boxes+scores, NMS inside); say how with --decoder or "
-                      f"a model card ({card_path('MODEL.onnx').name} beside the graph)")
+                      "(Ultralytics, anchor-free with objectness, GFL score + distribution maps per level, "
+                      "boxes+scores, NMS inside); say how with --decoder or the `decoder` key of a model card "
+                      f"({card_path('MODEL.onnx').name} beside the graph)")
 
 
 def decode(outputs, card: ModelCard, nc: int, imgsz: int) -> list[torch.Tensor]:
     """Per image, an [n, 6] tensor of x1 y1 x2 y2 score class in input pixels."""
     from lowbit.models import decode as ultralytics
 
-    kind = card.decoder if card.decoder != "auto" else detect_decoder(outputs, nc, imgsz, card.strides)
     outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    kind = card.decoder if card.decoder != "auto" else detect_decoder(outs, nc, imgsz, card)
+    if not _fits(kind, outs, nc, imgsz, card):
+        keys = DECODER_KEYS[kind]
+        raise LowbitError(f"decoder {kind!r} does not fit the graph's outputs {_shapes(outs)} at {imgsz} px with "
+                          f"{nc} classes{f' (card keys {keys}: {_card_values(card, keys)})' if keys else ''}; "
+                          "set `decoder` (or those keys) in the model card, or --decoder")
     if kind == "ultralytics":
         return ultralytics.decode(outs[0], nc, imgsz)
     if kind == "yolox":
-        return _yolox(outs[0].float(), imgsz, card.strides)
+        return _yolox(outs[0].float(), imgsz, card.strides or [8, 16, 32])
+    if kind == "gfl":
+        scores, dists = _gfl_levels(outs, nc)
+        return _gfl(scores, dists, imgsz, _gfl_strides(card, len(scores)), card.reg_max, card.cell_offset)
     if kind == "nms-inside":
         return [_nms_inside(outs, imgsz, card.boxes)]
     return _boxes_scores(outs, imgsz, card.boxes)
+
+
+def _card_values(card: ModelCard, keys: str) -> str:
+    return ", ".join(f"{k}={getattr(card, k)}" for k in keys.split(", "))
+
+
+def _gfl(scores: list[torch.Tensor], dists: list[torch.Tensor], imgsz: int, strides: list[int], reg_max: int | None,
+         cell_offset: float, conf: float = 0.025, iou: float = 0.6, per_class: int = 1000,
+         max_det: int = 100) -> list[torch.Tensor]:
+    from torchvision.ops import batched_nms
+
+    bins = dists[0].shape[-1] // 4
+    if reg_max is not None and reg_max + 1 != bins:
+        raise LowbitError(f"the distribution maps hold {bins} bins per box side; the card's reg_max {reg_max} "
+                          f"says {reg_max + 1}")
+    project = torch.arange(bins, dtype=torch.float32)
+    boxes, points = [], []
+    for d, s in zip(dists, strides):
+        n = -(-imgsz // s)
+        yv, xv = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        points.append(((torch.stack((xv, yv), -1).reshape(-1, 2).float() + cell_offset) * s))
+        dist = (d.float().reshape(*d.shape[:2], 4, bins).softmax(-1) @ project) * s
+        boxes.append(dist)
+    point = torch.cat(points)
+    dist = torch.cat(boxes, 1)
+    xyxy = torch.cat([point - dist[..., :2], point + dist[..., 2:]], -1)
+    score = torch.cat([s.float() for s in scores], 1)
+    result = []
+    for b in range(score.shape[0]):
+        a, c = (score[b] > conf).nonzero(as_tuple=True)
+        sc = score[b][a, c]
+        keep = torch.cat([torch.nonzero(c == k).flatten()[sc[c == k].argsort(descending=True)[:per_class]]
+                          for k in c.unique()]) if len(c) else c
+        a, c, sc = a[keep], c[keep], sc[keep]
+        idx = batched_nms(xyxy[b][a], sc, c, iou)[:max_det]
+        result.append(torch.cat([xyxy[b][a][idx], sc[idx, None], c[idx, None].float()], 1))
+    return result
 
 
 def _yolox(out: torch.Tensor, imgsz: int, strides: list[int], conf: float = 0.01, iou: float = 0.65) -> list[torch.Tensor]:

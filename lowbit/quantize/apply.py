@@ -137,6 +137,14 @@ def save_quantized(net: torch.nn.Module, manifest: Manifest, out_dir: str | Path
     return out
 
 
+def checkpoint_manifest(ckpt_dir: str | Path) -> Manifest:
+    """The manifest of a checkpoint folder `save_quantized` wrote (its float model and scheme)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "modelopt.pth").is_file() or not (ckpt_dir / "manifest.json").is_file():
+        raise LowbitError(f"{ckpt_dir}: not a lowbit quantized checkpoint (needs modelopt.pth and manifest.json)")
+    return Manifest.load(ckpt_dir / "manifest.json")
+
+
 def load_quantized(ckpt_dir: str | Path, detector: Detector | None = None) -> tuple[torch.nn.Module, Manifest]:
     """Restore a ModelOpt checkpoint saved by `save_quantized` onto a fresh copy of its base model."""
     import modelopt.torch.opt as mto
@@ -144,9 +152,7 @@ def load_quantized(ckpt_dir: str | Path, detector: Detector | None = None) -> tu
     from lowbit.models.ultralytics import load_detector
 
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "modelopt.pth").is_file() or not (ckpt_dir / "manifest.json").is_file():
-        raise LowbitError(f"{ckpt_dir}: not a lowbit quantized checkpoint (needs modelopt.pth and manifest.json)")
-    manifest = Manifest.load(ckpt_dir / "manifest.json")
+    manifest = checkpoint_manifest(ckpt_dir)
     detector = detector or load_detector(manifest.model, manifest.imgsz)
     net = copy.deepcopy(detector.net)
     try:

@@ -6,45 +6,72 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, for_image_input, parse_format
 from lowbit.io import read_json, write_json
 from lowbit.models.layers import LayerInfo
 
-# How weights are rounded after ModelOpt calibration: "max" = ModelOpt alone; "output" = per-channel clip chosen
-# by the layer output error; "gptq" = GPTQ rounding (integer and FP8 grids); "output+gptq" = both; "gptq-seq" =
-# GPTQ layer by layer on the quantized network's own inputs (lowbit.quantize.sequential). Clipping and gptq-seq
-# act on integer weights only.
-WeightRefine = Literal["max", "output", "gptq", "output+gptq", "gptq-seq"]
+# Whether each integer weight channel's clip is chosen by the layer's output error ("output") or is ModelOpt's max
+# ("max"); integer weights only.
+WeightClip = Literal["max", "output"]
+# How weights are rounded onto their grid: to nearest, by GPTQ (integer and FP8 grids), or by GPTQ layer by layer on
+# the quantized network's own inputs ("gptq-seq", lowbit.quantize.sequential; integer weights only).
+Rounding = Literal["nearest", "gptq", "gptq-seq"]
 # Where an integer weight scale comes from: "absmax" = ModelOpt's max calibration (the largest |w| maps to
 # 2^(b-1)-1, so the level -2^(b-1) goes unused); "full" = the finer of max(w)/(2^(b-1)-1) and
 # -min(w)/2^(b-1), so a channel whose negative extreme dominates also uses -2^(b-1)
 # (lowbit.quantize.refine.full_range_amax).
 WeightRange = Literal["absmax", "full"]
 
+# lowbit 0.1 named clip and rounding together in `weight_clip`
+_COMBINED = {"max": ("max", "nearest"), "output": ("output", "nearest"), "gptq": ("max", "gptq"),
+             "output+gptq": ("output", "gptq"), "gptq-seq": ("max", "gptq-seq")}
+
+
+def split_weight_clip(data):
+    """A manifest or config that names `weight_clip` but no `rounding` was written when `weight_clip` carried both:
+    read it as it was made (e.g. "gptq" = max clip, GPTQ rounding; "max" = max clip, nearest)."""
+    if isinstance(data, dict) and data.get("rounding") is None and data.get("weight_clip") in _COMBINED:
+        clip, rounding = _COMBINED[data["weight_clip"]]
+        data = {**data, "weight_clip": clip, "rounding": rounding}
+    return data
+
 
 class WeightRecipe(BaseModel, frozen=True):
     """How integer weights are set after ModelOpt's calibration, as three independent choices: where the scale
     starts (`range`), whether each channel's clip is then chosen by the layer's output error (`clip`), and how
-    values are rounded onto the grid (`rounding`: nearest, GPTQ, or GPTQ layer by layer on the quantized
-    network's own inputs). A manifest stores it as its `weight_range` and `weight_clip` names."""
+    values are rounded onto the grid (`rounding`)."""
 
     range: WeightRange = "full"
-    clip: Literal["max", "output"] = "max"
-    rounding: Literal["nearest", "gptq", "gptq-seq"] = "gptq"
-
-    @classmethod
-    def of(cls, weight_clip: WeightRefine = "gptq", weight_range: WeightRange = "full") -> "WeightRecipe":
-        clip, _, rounding = {"max": ("max", "", "nearest"), "output": ("output", "", "nearest"),
-                             "gptq": ("max", "", "gptq"), "output+gptq": ("output", "", "gptq"),
-                             "gptq-seq": ("max", "", "gptq-seq")}[weight_clip]
-        return cls(range=weight_range, clip=clip, rounding=rounding)
+    clip: WeightClip = "max"
+    rounding: Rounding = "gptq"
 
     @property
     def refines(self) -> bool:
         return self.clip != "max" or self.rounding != "nearest"
+
+
+class WeightOptions(BaseModel):
+    """The weight recipe's fields, shared by every config and the manifest (one vocabulary)."""
+
+    weight_clip: WeightClip = "max"
+    rounding: Rounding = "gptq"
+    weight_range: WeightRange = "full"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_weight_clip(cls, data):
+        return split_weight_clip(data)
+
+    def weight_options(self) -> dict:
+        """Just the three weight fields, to hand on to a manifest or another config."""
+        return {k: getattr(self, k) for k in WeightOptions.model_fields}
+
+    @property
+    def weight_recipe(self) -> WeightRecipe:
+        return WeightRecipe(range=self.weight_range, clip=self.weight_clip, rounding=self.rounding)
 
 
 class SchemeStats(BaseModel):
@@ -56,29 +83,24 @@ class SchemeStats(BaseModel):
     weight_mb: float  # weight storage of the quantizable layers
 
 
-class Manifest(BaseModel):
+class Manifest(WeightOptions):
     name: str
     model: str
     imgsz: int = 640
     algorithm: str = "max"  # ModelOpt calibration algorithm
-    weight_clip: WeightRefine = "gptq"
-    weight_range: WeightRange = "full"  # a manifest file without the field predates it: loads as "absmax"
+    # weight_range: a manifest file without the field predates it and loads as "absmax"
     layers: dict[str, Format]
     stats: SchemeStats | None = None
     origin: dict = Field(default_factory=dict)  # the config / search that produced it
 
-    @property
-    def weight_recipe(self) -> WeightRecipe:
-        return WeightRecipe.of(self.weight_clip, self.weight_range)
-
     @classmethod
     def uniform(cls, model: str, layers: list[LayerInfo], fmt: Format | str, algorithm: str = "max",
-                weight_clip: str = "gptq", imgsz: int = 640, weight_range: str = "full") -> "Manifest":
+                weights: WeightOptions = WeightOptions(), imgsz: int = 640) -> "Manifest":
         fmt = parse_format(fmt)
         assign, origin = image_input_rule({layer.name: fmt for layer in layers if layer.quantizable},
                                           {layer.name for layer in layers if layer.reads_image})
-        m = cls(name=fmt.name, model=model, imgsz=imgsz, algorithm=algorithm, weight_clip=weight_clip,
-                weight_range=weight_range, layers=assign, origin={"kind": "uniform", "format": fmt.name, **origin})
+        m = cls(name=fmt.name, model=model, imgsz=imgsz, algorithm=algorithm, **weights.weight_options(),
+                layers=assign, origin={"kind": "uniform", "format": fmt.name, **origin})
         m.stats = scheme_stats(m.layers, layers)
         return m
 

@@ -13,6 +13,7 @@ convs a CPU runtime can load.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,11 +21,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from lowbit import targets
 from lowbit.errors import LowbitError
-from lowbit.formats import Format
+from lowbit.formats import Format, parse_format
+from lowbit.io import atomic_write_bytes
+from lowbit.models.onnx_detector import quiet_session_options
+from lowbit.quantize.manifest import Manifest, image_input_rule
+from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_groups, conv_layers, conv_weights,
+                                 image_convs, insert_activation_qdq, load_graph, uniform_layers, write_qdq)
 from lowbit.targets import DEFAULT_TARGET
-from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_layers, conv_weights, insert_activation_qdq,
-                                 load_graph, write_qdq)
 
 # Where activation Q/DQ pairs go: in front of each quantized conv (TensorRT's placement), or once on each tensor
 # those convs read, before its Concat / Split / pooling (what OpenVINO fuses into the producing conv and keeps in
@@ -113,7 +118,8 @@ def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_p
     inner = [t for t in wanted if t not in inputs]
     probe.graph.output.extend([onnx.ValueInfoProto(name=t) for t in inner if t not in existing])
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(probe.SerializeToString(), quiet_session_options(),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:
         raise LowbitError(f"ONNX Runtime cannot run the float graph ({str(e).splitlines()[0][:200]})") from None
     name = sess.get_inputs()[0].name
@@ -217,22 +223,30 @@ def choose_range(st: InputStats, dtype: str, cal: ActivationCalibration, weight:
     return best
 
 
-class OnnxQuantInfo(BaseModel):
+class QdqOnnxInfo(BaseModel):
+    """A Q/DQ ONNX lowbit wrote, from a checkpoint (`lowbit export`) or straight from a float graph
+    (`lowbit quantize-onnx`)."""
+
     path: str
     target: str
+    source: Literal["checkpoint", "onnx"]  # whose weights: a ModelOpt checkpoint's, or the float graph's
     layers_quantized: int
-    weight_dtypes: dict[str, int]
+    weight_dtypes: dict[str, int]  # dtype -> count of Conv weights stored in it
     activation_qdq: int
-    activation_dtype: str | None  # the activation encodings written, e.g. "fp8+int8"
-    calibration: ActivationCalibration | None
-    calibration_images: int
+    activation_dtype: str | None = None  # the activation encodings written, e.g. "fp8+int8"
+    # where activation ranges come from: calibrated on the graph (with this many images), or the checkpoint's
+    calibration: ActivationCalibration | None = None
+    calibration_images: int = 0
     # layers whose input INT8 would have lost more than ActivationCalibration.max_error of its signal: kept float,
     # with that share
     activations_kept_float: dict[str, float] = Field(default_factory=dict)
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
-    weight_clip: str = "max"  # how the weights were rounded on the graph: "gptq" or "max" (to nearest)
+    rounding: str  # how the stored weights were rounded (lowbit.quantize.manifest.Rounding)
+    parity_max_abs: float | None = None  # against the fake-quant model on ONNX Runtime (`lowbit export --parity`)
+    parity_mean_abs: float | None = None
+    seconds: float | None = None
 
 
 def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = "int8",
@@ -245,8 +259,8 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     FP8 activations are always symmetric. Activation ranges come from calibrating on `images`, or, without
     images, from `act_amax` (layer -> max |input|, e.g. ModelOpt's calibration). `weights(layer)`, when given,
     returns (float weight, amax) for a layer (a PyTorch checkpoint's GPTQ-rounded or fine-tuned weights);
-    otherwise weights come from the graph at the manifest's weight range, rounded to nearest (weight_clip "max")
-    or by GPTQ on input statistics ONNX Runtime collects from `images` (weight_clip "gptq", as the PyTorch path
+    otherwise weights come from the graph at the manifest's weight range, rounded to nearest (rounding "nearest")
+    or by GPTQ on input statistics ONNX Runtime collects from `images` (rounding "gptq", as the PyTorch path
     rounds with the float model's inputs). Returns what was written."""
     cal = calibration or ActivationCalibration()
     layers = conv_layers(model) if layers is None else layers
@@ -257,15 +271,16 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     graph_w = conv_weights(model, {n: layers[n] for n in manifest.layers})
     from lowbit.quantize.refine import gptq_roundable
 
-    if weights is None and manifest.weight_clip not in ("max", "gptq"):
-        raise LowbitError(f"manifest {manifest.name!r} asks for {manifest.weight_clip} weight rounding, which needs the "
-                          "PyTorch model: materialize it with `lowbit quantize -m MODEL --manifest M.json`, then "
-                          "`lowbit export`; on the graph lowbit rounds to nearest (\"max\") or by GPTQ (\"gptq\")")
+    if weights is None and (manifest.weight_clip != "max" or manifest.rounding == "gptq-seq"):
+        raise LowbitError(f"manifest {manifest.name!r} asks for weight_clip {manifest.weight_clip!r} with rounding "
+                          f"{manifest.rounding!r}, which needs the PyTorch model: materialize it with `lowbit quantize "
+                          "-m MODEL --manifest M.json`, then `lowbit export`; on the graph lowbit rounds to nearest or "
+                          "by GPTQ, with max clipping")
     gptq_convs = {n: layers[n] for n, f in manifest.layers.items()
-                  if weights is None and manifest.weight_clip == "gptq" and gptq_roundable(f.weight)}
+                  if weights is None and manifest.rounding == "gptq" and gptq_roundable(f.weight)}
     if gptq_convs and (images is None or not len(images)):
-        raise LowbitError("GPTQ weight rounding on the graph needs calibration images (--calib), or plain rounding "
-                          "(--clip max)")
+        raise LowbitError("GPTQ weight rounding on the graph needs calibration images (--calib), or rounding to "
+                          "nearest (--rounding nearest)")
     rounded: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def weight_of(layer: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -386,49 +401,43 @@ def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.nd
 
 def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray | None = None,
                   target: str = DEFAULT_TARGET, calibration: ActivationCalibration | None = None,
-                  progress: bool = False) -> OnnxQuantInfo:
+                  progress: bool = False) -> QdqOnnxInfo:
     """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`, for `target` (lowbit.targets);
     written only when it is whole."""
-    from lowbit import targets
-
     tgt = targets.get_target(target)
-    model = load_graph(src)
+    model = load_graph(src) if isinstance(src, (str, Path)) else copy.deepcopy(src)
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress)
-    data, verdict = write_graph(model, out, done.pop("manifest"), layers, target, manifest.name)
-    return OnnxQuantInfo(path=str(out), target=target, layers_quantized=len(manifest.layers), calibration=calibration,
-                         calibration_images=0 if images is None else len(images), size_mb=len(data) / 1e6,
-                         deployable=verdict.deployable, deploy_note=verdict.summary(), weight_clip=manifest.weight_clip,
-                         **done)
+    info, _ = write_graph(model, out, done, layers, target, manifest, "onnx", calibration=calibration,
+                          calibration_images=0 if images is None else len(images))
+    return info
 
 
-def write_graph(model, out: str | Path, written, layers: dict, target: str, what: str):
-    """Check a quantized graph and write it atomically to `out`: (its bytes, `target`'s verdict on the layers
-    `written` quantized). Nothing is written when the graph is invalid."""
+def write_graph(model, out: str | Path, done: dict, layers: dict, target: str, manifest, source: str,
+                **fields) -> tuple[QdqOnnxInfo, bytes]:
+    """Check a graph `quantize_graph` rewrote (`done`: what it returned) and write it atomically to `out`: what was
+    written, with `target`'s verdict on the layers it quantized, and the graph's bytes. Nothing is written when the
+    graph is invalid."""
     import onnx
-
-    from lowbit import targets
-    from lowbit.io import atomic_write_bytes
-    from lowbit.quantize.qdq import conv_groups
 
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        raise LowbitError(f"the Q/DQ graph written for {what} is invalid: {e}") from None
+        raise LowbitError(f"the Q/DQ graph written for {manifest.name} is invalid: {e}") from None
     data = model.SerializeToString()
     atomic_write_bytes(out, data)
-    return data, targets.check(target, written, conv_groups(layers))
+    done = dict(done)
+    verdict = targets.check(target, done.pop("manifest"), conv_groups(layers))
+    info = QdqOnnxInfo(path=str(out), target=target, source=source, layers_quantized=len(manifest.layers),
+                       size_mb=len(data) / 1e6, deployable=verdict.deployable, deploy_note=verdict.summary(),
+                       rounding=manifest.rounding, **done, **fields)
+    return info, data
 
 
-def uniform_manifest(model, path: str, fmt: str | Format, weight_clip: str = "gptq") -> "Manifest":  # noqa: F821
-    """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph: by GPTQ ("gptq") or to nearest
-    ("max")."""
-    from lowbit.formats import parse_format
-    from lowbit.quantize.manifest import Manifest, image_input_rule
-    from lowbit.quantize.qdq import image_convs, uniform_layers
-
+def uniform_manifest(model, path: str, fmt: str | Format, rounding: str = "gptq") -> Manifest:
+    """`fmt` on every Conv of the graph but a DFL decoder, rounded on the graph by GPTQ or to nearest."""
     fmt = parse_format(fmt)
     layers, image = image_input_rule(uniform_layers(model, fmt), image_convs(model))
-    return Manifest(name=fmt.name, model=str(path), layers=layers, weight_clip=weight_clip,
+    return Manifest(name=fmt.name, model=str(path), layers=layers, weight_clip="max", rounding=rounding,
                     origin={"kind": "onnx-native", **image})

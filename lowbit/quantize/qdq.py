@@ -59,7 +59,7 @@ def load_graph(path: str | Path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as e:
-        raise LowbitError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        raise LowbitError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if version < OPSET:
         try:

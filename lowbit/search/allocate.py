@@ -14,7 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate.layer_latency import switches
 from lowbit.formats import Format, parse_format
 from lowbit.models.layers import LayerInfo
-from lowbit.quantize.manifest import Manifest, image_input_rule, scheme_stats
+from lowbit.quantize.manifest import Manifest, WeightOptions, image_input_rule, scheme_stats
 from lowbit.sensitivity.report import SensitivityReport
 
 FP16 = Format(name="FP16")
@@ -26,7 +26,7 @@ class Problem:
 
     def __init__(self, report: SensitivityReport, formats: list[str], allow_fp16: bool = True,
                  cost: str = "weight_bits", latency_table: dict[str, dict[str, float]] | None = None,
-                 weight_clip: str = "gptq", weight_range: str = "full", switch_ms: dict[str, float] | None = None,
+                 weights: WeightOptions = WeightOptions(), switch_ms: dict[str, float] | None = None,
                  edges: list[tuple[str, str]] | None = None, target: str | None = None,
                  groups: dict[str, int] | None = None):
         """`switch_ms` and `edges` (from `lowbit latency-table`): with the latency cost, each edge between two
@@ -34,7 +34,7 @@ class Problem:
         `groups` (layer -> conv groups; default: depthwise read off the weight shape) drops, per layer, formats
         the target would run in float there."""
         self.report = report
-        self.weight_clip, self.weight_range = weight_clip, weight_range
+        self.weights = weights
         self.formats = [parse_format(f) for f in formats]
         missing = [f.name for f in self.formats if f.name not in report.formats]
         if missing:
@@ -109,8 +109,8 @@ class Problem:
         damage, cost = self.total(assign)
         quantized, image = image_input_rule({n: f for n, f in assign.items() if not f.is_float},
                                             {layer.name for layer in self.layers if layer.reads_image})
-        m = Manifest(name=name, model=self.report.model, imgsz=self.report.imgsz, layers=quantized, weight_clip=self.weight_clip,
-                     weight_range=self.weight_range,
+        m = Manifest(name=name, model=self.report.model, imgsz=self.report.imgsz, layers=quantized,
+                     **self.weights.weight_options(),
                      origin={**origin, "sensitivity": self.report.method, "predicted_damage": damage,
                              "cost": self.cost_kind, "predicted_cost": cost, **image})
         m.stats = scheme_stats(quantized, self.layers)

@@ -17,6 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import Format
 from lowbit.models.layers import LayerInfo
 from lowbit.models.ultralytics import Detector
+from lowbit.quantize.manifest import WeightOptions
 
 
 @dataclass
@@ -28,6 +29,9 @@ class SensitivityContext:
     device: str = "cpu"
     progress: bool = True
     options: dict = field(default_factory=dict)
+    # how probed layers' weights are set (the gradient method uses ModelOpt's max)
+    weights: WeightOptions = field(default_factory=lambda: WeightOptions(weight_clip="max", rounding="nearest",
+                                                                        weight_range="absmax"))
 
 
 class ScoreStore:
@@ -88,12 +92,10 @@ class SingleLayerProbe:
 
     def __init__(self, ctx: SensitivityContext, fmt: Format):
         from lowbit.quantize.apply import quantize_layers
-        from lowbit.quantize.manifest import WeightRecipe
-
         assign = {layer.name: fmt for layer in ctx.layers}
         # probe the format as it will be materialized; the input statistics of weight refinement depend on the float
         # model and images only, so one pass serves every format
-        weights = WeightRecipe.of(ctx.options.get("weight_clip", "max"), ctx.options.get("weight_range", "absmax"))
+        weights = ctx.weights.weight_recipe
         self.net = quantize_layers(ctx.detector.net.to(ctx.device), assign, ctx.batches, "max", weights,
                                    ctx.options.setdefault("gram_cache", {}))
         self.quantizers = {layer.name: [q for q in (getattr(self.net.get_submodule(layer.name), a, None)

@@ -14,12 +14,14 @@ the DFL decoder set aside): the level where distortion predicts mAP (see the dis
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from collections import deque
 
 import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.quantize.qdq import conv_layers, conv_weights, image_convs, is_dfl, load_graph
+from lowbit.models.onnx_detector import quiet_session_options
 from lowbit.quantize.onnx_ptq import feed
 from lowbit.sensitivity.base import ScoreStore, SensitivityContext
 
@@ -95,7 +97,6 @@ class OnnxProbe:
     def __init__(self, model, images: np.ndarray, threads: int | None = None, weight_range: str = "full",
                  act_dtype: str = "int8", calibration=None):
         import onnx
-        import onnxruntime as ort
 
         from lowbit.quantize.onnx_ptq import ActivationCalibration, collect_input_stats
 
@@ -111,9 +112,7 @@ class OnnxProbe:
         self.images = images.astype(np.float32)
         self.weight_range, self.act_dtype = weight_range, act_dtype
         self.calibration = calibration or ActivationCalibration()
-        self.opts = ort.SessionOptions()
-        if threads:
-            self.opts.intra_op_num_threads = threads
+        self.opts = quiet_session_options(threads)
         self.node_of = {name: ref.node.name for name, ref in self.layers.items()}  # ONNX node <-> layer
         self.stats = collect_input_stats(model, sorted({self.layers[x].input for x in self.weights}), self.images,
                                          self.calibration.samples_per_image)
@@ -135,7 +134,7 @@ class OnnxProbe:
         model = copy.deepcopy(self.base)
         w = self.weights[layer].astype(np.float32)
         manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max",
-                            weight_range=self.weight_range)
+                            rounding="nearest", weight_range=self.weight_range)
         act = None
         if fmt.act is not None:
             dtype = "fp8" if fmt.act.dtype == "fp8" else self.act_dtype
@@ -150,8 +149,9 @@ class OnnxProbe:
 
 def float_graph_for(ctx: SensitivityContext):
     """The graph to probe: the given .onnx, or lowbit's float export of the PyTorch model."""
-    if ctx.options.get("onnx"):
-        return load_graph(ctx.options["onnx"])
+    graph = ctx.options.get("onnx")
+    if graph is not None:
+        return load_graph(graph) if isinstance(graph, (str, Path)) else copy.deepcopy(graph)
     from lowbit.export.onnx_qdq import export_float_onnx
 
     return export_float_onnx(copy.deepcopy(ctx.detector.net), ctx.detector.imgsz)
@@ -165,7 +165,7 @@ def onnx_native(ctx: SensitivityContext, store: ScoreStore) -> None:
         return
     model = float_graph_for(ctx)
     images = np.concatenate([b.images.numpy() for b in ctx.batches])
-    probe = OnnxProbe(model, images, ctx.options.get("threads"), ctx.options.get("weight_range", "absmax"),
+    probe = OnnxProbe(model, images, ctx.options.get("threads"), ctx.weights.weight_range,
                       ctx.options.get("act_dtype", "int8"))
     missing = [x.name for _, x in todo if x.name not in probe.weights]
     if missing:
