@@ -25,7 +25,7 @@ from lowbit.formats import parse_format
 from lowbit.io import RunDir, read_json, write_json
 from lowbit.models.layers import LayerInfo
 from lowbit.models.onnx_detector import (class_names, graph_card, graph_input_size, graph_names, is_graph, load_card,
-                                         openvino_model_file)
+                                         openvino_model_file, save_card)
 from lowbit.models.ultralytics import Detector, load_detector
 from lowbit.quantize.apply import apply_manifest, checkpoint_manifest, load_quantized, save_quantized
 from lowbit.quantize.manifest import Manifest, WeightOptions, scheme_stats
@@ -239,7 +239,7 @@ def run_sensitivity(cfg: SensitivityConfig, out: str | Path | None = None, progr
         graph = load_graph(cfg.model)
         card, imgsz = graph_card(cfg.model, cfg.imgsz, cfg.preprocess, graph=graph)
         pre = card.preprocess
-        det, layers, options["onnx"] = None, onnx_layers(graph, imgsz), graph
+        det, layers, options["onnx"], options["card"] = None, onnx_layers(graph, imgsz), graph, card
     else:
         imgsz, pre = cfg.imgsz or 640, None
         det = detector or load_detector(cfg.model, imgsz)
@@ -309,8 +309,10 @@ def run_quantize_onnx(cfg: QuantizeOnnxConfig, out: str | Path | None = None, pr
     run = RunDir(out, "quantize-onnx")
     run.write_json("config.json", cfg)
     images = image_array(cfg.calib.load(), imgsz, card.preprocess) if cfg.calib else None
-    info = quantize_onnx(graph, manifest, cfg.onnx or run.file("model.onnx"), images, cfg.target, cfg.calibration,
-                         progress)
+    out_path = Path(cfg.onnx or run.file("model.onnx"))
+    info = quantize_onnx(graph, manifest, out_path, images, cfg.target, cfg.calibration, progress, card)
+    if not card.is_default:  # the quantized graph is fed and decoded as its source: its card goes beside it
+        save_card(card, out_path)
     info.seconds = time.perf_counter() - t
     run.write_json("results.json", info)
     run.log.info("wrote %s in %.1f s", info.path, info.seconds)

@@ -279,3 +279,152 @@ def test_an_unknown_head_is_a_clear_error(tmp_path):
 
     with pytest.raises(LowbitError, match=r"cannot decode model outputs of shapes \[\(1, 7, 3\)\]"):
         decode(torch.zeros(1, 7, 3), ModelCard(), 80, 64)
+
+
+class _Gfl(torch.nn.Module):
+    """PP-PicoDet's deploy layout (a GFL head): per stride 8/16/32/64, sigmoid class scores [B, N, 80], then per
+    stride box distributions [B, N, 32] (4 sides x 8 bins, reg_max 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(_block(3, 16, 2), _block(16, 24, 2), _block(24, 32, 2))
+        self.down = torch.nn.ModuleList([_block(32, 32, s) for s in (1, 2, 2, 2)])
+        self.heads = torch.nn.ModuleList([torch.nn.Conv2d(32, 80 + 32, 1) for _ in range(4)])
+
+    def levels(self, x):
+        x = self.stem(x)
+        scores, dists = [], []
+        for down, head in zip(self.down, self.heads):
+            x = down(x)
+            y = head(x)
+            scores.append(y[:, :80].sigmoid().flatten(2).permute(0, 2, 1))
+            dists.append(y[:, 80:].flatten(2).permute(0, 2, 1))
+        return scores, dists
+
+    def forward(self, x):
+        scores, dists = self.levels(x)
+        return (*scores, *dists)
+
+
+class _GflRows(_Gfl):
+    """The same head with post-processing inside, as PaddleDetection exports it: inputs image and scale_factor
+    ([h_in / h_img, w_in / w_img]), outputs rows of [class, score, x1, y1, x2, y2] in the image's own pixels (the
+    20 best anchors; NMS left out, which changes nothing of the layout) and their count."""
+
+    def forward(self, x, scale_factor):
+        scores, dists = self.levels(x)
+        boxes = []
+        for d, s in zip(dists, (8, 16, 32, 64)):
+            n = SIZE // s
+            yv, xv = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            pts = (torch.stack((xv, yv), -1).reshape(-1, 2).float() + 0.5) * s
+            dist = (d.reshape(1, -1, 4, 8).softmax(-1) @ torch.arange(8).float()) * s
+            boxes.append(torch.cat([pts - dist[..., :2], pts + dist[..., 2:]], -1))
+        score, cls = torch.cat(scores, 1)[0].max(-1)
+        top, idx = score.topk(20)
+        box = torch.cat(boxes, 1)[0][idx] / scale_factor.flip(-1).repeat(1, 2)
+        rows = torch.cat([cls[idx, None].float(), top[:, None], box], 1)
+        return rows, torch.tensor([20], dtype=torch.int32)
+
+
+def _reference_gfl(outs: list[np.ndarray]) -> list[np.ndarray]:
+    """PaddleDetection's GFL post-processing written out independently (as benchmarks/onnx_detector_reference.py
+    does for PP-PicoDet): expectation of the softmax over the bins times the stride from cell centres, per class
+    scores over 0.025, the 1000 best, NMS at 0.6, the 100 best."""
+    from torchvision.ops import nms
+
+    levels = len(outs) // 2
+    boxes, scores = [], []
+    for i, (cls, reg) in enumerate(zip(outs[:levels], outs[levels:])):
+        s = 8 * 2 ** i
+        n = SIZE // s
+        cy, cx = np.meshgrid((np.arange(n) + 0.5) * s, (np.arange(n) + 0.5) * s, indexing="ij")
+        p = np.exp(reg[0].reshape(-1, 4, 8))
+        d = (p / p.sum(-1, keepdims=True)) @ np.arange(8) * s
+        cx, cy = cx.reshape(-1), cy.reshape(-1)
+        boxes.append(np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], 1))
+        scores.append(cls[0])
+    b, sc = torch.from_numpy(np.concatenate(boxes)).float(), torch.from_numpy(np.concatenate(scores))
+    kept = []
+    for c in range(sc.shape[1]):
+        idx = torch.nonzero(sc[:, c] > 0.025).flatten()
+        idx = idx[sc[idx, c].argsort(descending=True)[:1000]]
+        keep = idx[nms(b[idx], sc[idx, c], 0.6)]
+        kept.append(torch.cat([b[keep], sc[keep, c, None], torch.full((len(keep), 1), float(c))], 1))
+    allk = torch.cat(kept)
+    return [allk[allk[:, 4].argsort(descending=True)[:100]].numpy()]
+
+
+def test_gfl_head_and_paddle_exports_with_scale_factor_and_nms_rows(tmp_path, assets):
+    """A GFL head (PP-PicoDet, NanoDet) decodes as PaddleDetection does; its NMS-inside export, fed a scale_factor
+    beside the image and returning [class, score, box] rows in image pixels, is read as the card describes, and an
+    input no card describes is refused by name."""
+    from lowbit.data.datasets import load_dataset
+    from lowbit.data.loader import make_batches, parse_preprocess
+    from lowbit.evaluate.runners import make_runner
+    from lowbit.models.onnx_detector import ModelCard, decode, detect_decoder, to_input_pixels
+
+    torch.manual_seed(0)
+    net = _GflRows().eval()
+    _random_bn_statistics(net)
+    with torch.no_grad():
+        for h in net.heads:  # scores above PaddleDetection's 0.025
+            h.bias[:80] = -1.0
+    gfl, rows = tmp_path / "gfl.onnx", tmp_path / "rows.onnx"
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    plain = _Gfl()
+    plain.load_state_dict(net.state_dict())  # the same weights, without the post-processing
+    torch.onnx.export(plain.eval(), x, str(gfl), opset_version=13, dynamo=False, input_names=["image"],
+                      do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
+    torch.onnx.export(net, (x, torch.ones(1, 2)), str(rows), opset_version=13, dynamo=False,
+                      input_names=["image", "scale_factor"], output_names=["rows", "count"], do_constant_folding=True,
+                      training=torch.onnx.TrainingMode.EVAL)
+    # the GFL layout is read off the shapes; detections are PaddleDetection's
+    img = torch.rand(1, 3, SIZE, SIZE)
+    outs = make_runner(gfl)(img)
+    assert detect_decoder(list(outs), 80, SIZE) == "gfl"
+    (ours,) = decode(outs, ModelCard(), 80, SIZE)
+    (ref,) = _reference_gfl([o.numpy() for o in outs])
+    assert len(ours) == len(ref) > 10
+    assert np.allclose(np.sort(ours[:, 4].numpy()), np.sort(ref[:, 4]), atol=1e-5)
+    assert np.abs(ours[:, :4].numpy()[:, None] - ref[None, :, :4]).max(-1).min(1).max() < 0.01
+    with pytest.raises(LowbitError, match=r"decoder 'gfl' does not fit .*card keys strides, reg_max, cell_offset"):
+        decode(outs, ModelCard(decoder="gfl", strides=[8, 16, 32, 128]), 80, SIZE)
+
+    # NMS inside, scale_factor beside the image: refused until the card says what to feed it
+    r = runner.invoke(app, ["eval", "-m", str(rows), "-d", assets["val"], "--max-images", "2", "--preprocess",
+                            "paddle", "-o", str(tmp_path / "e0")])
+    err = str(r.exception)  # main() turns it into "Error: ..." and exit 2
+    assert isinstance(r.exception, LowbitError) and "input 'scale_factor' [1, 2] is not described" in err, err
+    assert "`inputs: {scale_factor: scale_factor}`" in err
+    card = ModelCard(preprocess=parse_preprocess("paddle"), decoder="nms-rows", boxes="original",
+                     inputs={"scale_factor": "scale_factor"})
+    batch = make_batches(load_dataset(assets["val"]).subset(2), SIZE, 1, preprocess=card.preprocess)
+    r_rows = make_runner(rows)
+    r_rows.card = card
+    for b in batch:
+        (it,) = b.items
+        assert it.gain[0] != it.gain[1]  # stretched: the two axes differ, so [h, w] order matters
+        got = to_input_pixels([p for o in r_rows.chunks(b.images, b.items) for p in decode(o, card, 80, SIZE)],
+                              b.items)[0]
+        r_rows.card = card.model_copy(update={"inputs": {"scale_factor": [1.0, 1.0]}, "boxes": "pixels"})
+        plain = [p for o in r_rows.chunks(b.images) for p in decode(o, r_rows.card, 80, SIZE)][0]
+        r_rows.card = card
+        assert len(got) == 20 and torch.allclose(got, plain, atol=1e-3)
+    (tmp_path / "rows.lowbit.yaml").write_text("preprocess: paddle\ndecoder: nms-rows\nboxes: original\n"
+                                               "inputs: {scale_factor: scale_factor}\n")
+    r = runner.invoke(app, ["eval", "-m", str(rows), "-d", assets["val"], "--max-images", "2", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    # graph-only PTQ feeds the scale_factor while calibrating; the card goes beside the quantized graph
+    r = runner.invoke(app, ["quantize-onnx", str(rows), "-f", "W8A8", "--calib", assets["calib"], "--calib-images",
+                            "2", "--onnx", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q.lowbit.yaml").is_file()
+    r = runner.invoke(app, ["eval", "-m", str(tmp_path / "q.onnx"), "-d", assets["val"], "--max-images", "2",
+                            "-o", str(tmp_path / "eq")])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "rows.lowbit.yaml").unlink()
+    r = runner.invoke(app, ["quantize-onnx", str(rows), "-f", "W8A8", "--calib", assets["calib"], "--calib-images",
+                            "2", "--onnx", str(tmp_path / "q2.onnx"), "-o", str(tmp_path / "q2")])
+    assert isinstance(r.exception, LowbitError) and "input 'scale_factor'" in str(r.exception), r.output
+    assert not (tmp_path / "q2.onnx").exists()

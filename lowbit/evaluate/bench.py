@@ -207,6 +207,9 @@ def bench_models(models: list[str | Path], threads: int | None = None, warmup: i
             path = openvino_model_file(path)
         card = load_card(path, preprocess, decoder)
         rows = _runners_for(path, threads, present)
+        for _, r in rows:
+            if not isinstance(r, str):
+                r.card = card  # it says what inputs beside the image take
         ref = next((r for name, r in rows if name == "ort-cpu" and not isinstance(r, str)), None)
         for name, r in rows:
             res = BenchResult(model=str(m), runtime=name, present=present.get(name, (True,))[0], threads=threads)

@@ -125,6 +125,11 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
     if batches is None:
         batches = make_batches(dataset, imgsz, batch_size, progress=progress,
                                preprocess=card.preprocess if card is not None else None)
+    runner.card = card
+    if getattr(runner, "extra_inputs", None):  # refuse an undescribed input before any image runs
+        from lowbit.models.onnx_detector import extra_feeds
+
+        extra_feeds(card, runner.extra_inputs, None, imgsz, 1, str(model))
     if card is None:
         def detect(out):
             # a YOLO graph exported without Ultralytics' export mode also returns the head's feature maps
@@ -135,13 +140,18 @@ def evaluate(model, dataset: Dataset, names: dict[int, str], imgsz: int = 640, b
         def detect(out):
             return decode_card(out, card, len(names), imgsz)
     for _ in range(warmup):
-        runner.chunks(batches[0].images)
+        runner.chunks(batches[0].images, batches[0].items)
     dets, times = [], []
     for b in track(batches, f"evaluating {runner.name}", enabled=progress):
-        outs, dt = timed(runner, b.images)
+        outs, dt = timed(runner, b.images, b.items)
         if len(b.items) == batches[0].images.shape[0]:
             times.append(dt)
-        dets.extend(detections_to_coco(b, [p for out in outs for p in detect(out)], imgsz, cat_ids))
+        preds = [p for out in outs for p in detect(out)]
+        if card is not None and card.boxes == "original":
+            from lowbit.models.onnx_detector import to_input_pixels
+
+            preds = to_input_pixels(preds, b.items)
+        dets.extend(detections_to_coco(b, preds, imgsz, cat_ids))
     stats = coco_map(dataset.coco, dets)
     lat = Latency.from_seconds(runner.name, batches[0].images.shape[0], times or [float("nan")])
     return EvalResult(model=model_name or str(getattr(model, "source", model)), runtime=runner.name,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.onnx_detector import openvino_model_file, quiet_session_options
+from lowbit.models.onnx_detector import extra_feeds, openvino_model_file, quiet_session_options
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-f32")
 
@@ -44,7 +44,7 @@ class TorchRunner:
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float()
 
-    def chunks(self, x: torch.Tensor) -> list:
+    def chunks(self, x: torch.Tensor, items=None) -> list:
         return [self(x)]
 
     def sync(self) -> None:
@@ -65,25 +65,35 @@ class _GraphRunner:
     batch: int | None = None
     input_shape: list
     outputs: int = 1
+    # inputs beside the image: name -> (shape, dtype name); fed as `card` describes them (lowbit.models.onnx_detector)
+    extra_inputs: dict[str, tuple[list, str]] = {}
+    card = None
 
-    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
+    def _run_all(self, x: np.ndarray, extra: dict | None = None) -> list[np.ndarray]:
         raise NotImplementedError
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self._run_all(x)[0]
+        return self._run_all(x, self._extra(None, 1))[0]
 
-    def chunks(self, x: torch.Tensor) -> list:
+    def _extra(self, items, n: int) -> dict:
+        if not self.extra_inputs:
+            return {}
+        return extra_feeds(self.card, self.extra_inputs, items, self.input_shape[-1], n, str(self.path))
+
+    def chunks(self, x: torch.Tensor, items=None) -> list:
         """The graph's outputs for each piece of `x` it takes at once: a tensor per piece, or a tuple of tensors for
-        a graph of several outputs (boxes, scores and labels without a batch axis cannot be concatenated)."""
+        a graph of several outputs (boxes, scores and labels without a batch axis cannot be concatenated). `items`
+        (the batch's Letterboxed images) feed inputs beside the image that depend on each image."""
         x = x.numpy().astype(np.float32)
         if self.batch is not None and x.shape[0] % self.batch:
             raise LowbitError(f"{self.path}: its input takes batches of {self.batch}; got {x.shape[0]} images")
-        pieces = [x] if self.batch is None or x.shape[0] == self.batch else np.split(x, x.shape[0] // self.batch)
-        if len(self.input_shape) == 3:
-            pieces = [c[0] for c in pieces]
+        step = x.shape[0] if self.batch is None else self.batch
         out = []
-        for c in pieces:
-            res = [torch.from_numpy(np.asarray(o)) for o in self._run_all(c)]
+        for i in range(0, x.shape[0], step):
+            c = x[i:i + step]
+            extra = self._extra(items[i:i + step] if items is not None else None, len(c))
+            res = [torch.from_numpy(np.asarray(o)) for o in self._run_all(c[0] if len(self.input_shape) == 3 else c,
+                                                                         extra)]
             out.append(res[0] if len(res) == 1 else tuple(res))
         return out
 
@@ -105,7 +115,7 @@ class _GraphRunner:
 
     def run_raw(self, x: np.ndarray):
         """One inference on an input of the graph's own shape (for timing)."""
-        return self._run_all(x)
+        return self._run_all(x, self._extra(None, 1))
 
 
 class OrtRunner(_GraphRunner):
@@ -139,12 +149,13 @@ class OrtRunner(_GraphRunner):
             suffix = "-basicopt"
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = self.session.get_inputs()[0].shape
+        self.extra_inputs = {i.name: (i.shape, i.type) for i in self.session.get_inputs()[1:]}
         self.batch = _static_batch(self.input_shape)
         self.outputs = len(self.session.get_outputs())
         self.name = f"ort-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}{suffix}"
 
-    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: x})
+    def _run_all(self, x: np.ndarray, extra: dict | None = None) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: x, **(extra or {})})
 
 
 def openvino_config(precision: str | None, threads: int | None, hint: str = "LATENCY") -> dict:
@@ -183,17 +194,17 @@ class OpenVinoRunner(_GraphRunner):
         self.request = self.compiled.create_infer_request()
         ps = self.compiled.input(0).partial_shape
         self.input_shape = [d.get_length() if d.is_static else -1 for d in ps]
+        self.extra_inputs = {i.get_any_name(): ([d.get_length() if d.is_static else -1 for d in i.partial_shape],
+                                                i.get_element_type().get_type_name())
+                             for i in self.compiled.inputs[1:]}
         self.batch = _static_batch(self.input_shape)
         self.outputs = len(self.compiled.outputs)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.name = f"openvino-cpu-{precision}" if precision else "openvino-cpu"
 
-    def _run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        res = self.request.infer({0: x})
+    def _run_all(self, x: np.ndarray, extra: dict | None = None) -> list[np.ndarray]:
+        res = self.request.infer({0: x, **(extra or {})})
         return [np.array(res[o]) for o in self.compiled.outputs]
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return np.array(self.request.infer({0: x})[self.compiled.output(0)])
 
     def executed_precisions(self) -> dict[str, int]:
         """Convolutions per precision OpenVINO really runs them in, read from its runtime graph."""
@@ -235,10 +246,10 @@ def make_runner(model, runtime: str | None = None, device: str = "cpu", provider
     return TorchRunner(net, device)
 
 
-def timed(runner, x: torch.Tensor) -> tuple[list, float]:
+def timed(runner, x: torch.Tensor, items=None) -> tuple[list, float]:
     """(the runner's outputs piece by piece, as `chunks` returns them, seconds)."""
     runner.sync()
     t = time.perf_counter()
-    out = runner.chunks(x)
+    out = runner.chunks(x, items)
     runner.sync()
     return out, time.perf_counter() - t

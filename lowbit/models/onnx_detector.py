@@ -18,7 +18,9 @@ Decoders follow each framework's own evaluation post-processing, so lowbit's mAP
   bins, times the stride, from cell points (i + cell_offset) * stride; per class score > 0.025, the 1000 best,
   NMS at IoU 0.6; 100 per image);
 - boxes-scores: per class, score > 0.001, class-aware NMS at IoU 0.5, 100 per image;
-- nms-inside: the graph's own boxes, scores and labels.
+- nms-inside: the graph's own boxes, scores and labels;
+- nms-rows: the graph's own rows of [class, score, x1, y1, x2, y2] (PaddleDetection's exports with NMS inside,
+  boxes in the image's own pixels: card `boxes: original`, with `inputs: {scale_factor: scale_factor}`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,22 @@ import ast
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from lowbit.data.loader import Preprocess, parse_preprocess
 from lowbit.errors import LowbitError
 
-DECODERS = ("auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside")
+DECODERS = ("auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside", "nms-rows")
 # which card keys shape each decoder (named in errors)
 DECODER_KEYS = {"ultralytics": "", "yolox": "strides", "gfl": "strides, reg_max, cell_offset",
-                "boxes-scores": "boxes", "nms-inside": "boxes"}
+                "boxes-scores": "boxes", "nms-inside": "boxes", "nms-rows": "boxes"}
 
 
 class ModelCard(BaseModel):
     preprocess: Preprocess = Field(default_factory=Preprocess)
-    decoder: Literal["auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside"] = "auto"
+    decoder: Literal["auto", "ultralytics", "yolox", "gfl", "boxes-scores", "nms-inside", "nms-rows"] = "auto"
     # coco80: class i is the i-th COCO category in id order (Ultralytics, YOLOX); coco91: class i is COCO category
     # id i (torchvision); or an explicit {index: name}; None: the graph's own names, else coco80
     classes: Literal["coco80", "coco91"] | dict[int, str] | None = None
@@ -49,12 +52,32 @@ class ModelCard(BaseModel):
     strides: list[int] | None = None
     reg_max: int | None = None  # gfl: bins per box side minus one (default: read off the distribution maps)
     cell_offset: float = 0.5  # gfl: a cell's point is (index + cell_offset) * stride (PP-PicoDet, NanoDet: 0.5)
-    boxes: Literal["pixels", "normalized"] = "pixels"  # boxes-scores / nms-inside: coordinates of the boxes output
+    # boxes-scores / nms-inside / nms-rows: coordinates of the boxes output (original: the image's own pixels, as
+    # graphs fed a scale_factor return them)
+    boxes: Literal["pixels", "normalized", "original"] = "pixels"
+    # graph inputs beside the image, each fed per image: scale_factor = [h_in / h_img, w_in / w_img] (input pixels
+    # per image pixel, PaddleDetection's), im_shape = [h_in, w_in] (the network input's size), image_size =
+    # [h_img, w_img], or a constant list
+    inputs: dict[str, Literal["scale_factor", "im_shape", "image_size"] | list[float]] = Field(default_factory=dict)
+
+    @property
+    def is_default(self) -> bool:
+        return self == ModelCard()
 
 
 def card_path(model: str | Path) -> Path:
     p = Path(model)
     return p.with_name(p.stem + ".lowbit.yaml")
+
+
+def save_card(card: "ModelCard", model: str | Path) -> Path:
+    """Write `card` beside `model` (what `load_card` reads back)."""
+    import yaml
+
+    from lowbit.io import atomic_write_text
+
+    return atomic_write_text(card_path(model), yaml.safe_dump(card.model_dump(mode="json", exclude_defaults=True),
+                                                              sort_keys=False))
 
 
 def load_card(model: str | Path, preprocess: str | None = None, decoder: str | None = None,
@@ -123,6 +146,36 @@ def quiet_session_options(threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     return opts
+
+
+def extra_feeds(card: "ModelCard | None", inputs: dict[str, tuple[list, str]], items=None, imgsz: int = 640,
+                batch: int = 1, where: str = "the graph") -> dict[str, np.ndarray]:
+    """What to feed a graph's inputs beside the image (`inputs`: name -> (shape, dtype name)), as its model card
+    describes them, per image of `items` (lowbit.data.loader.Letterboxed); without items (calibration), values for
+    a square image of the input's size. An input the card does not describe is refused by name."""
+    spec = card.inputs if card is not None else {}
+    missing = [n for n in inputs if n not in spec]
+    if missing:
+        n = missing[0]
+        raise LowbitError(f"{where}: input {n!r} {list(inputs[n][0])} is not described: the model card's `inputs` "
+                          f"key says what to feed it, e.g. `inputs: {{{n}: scale_factor}}` (scale_factor, im_shape, "
+                          f"image_size, or a constant list) in {card_path('MODEL.onnx').name} beside the graph")
+    feeds = {}
+    for name, (shape, dtype) in inputs.items():
+        kind = spec[name]
+        rows = []
+        for i in range(batch):
+            it = items[i] if items is not None else None
+            h, w = it.orig_shape if it is not None else (imgsz, imgsz)
+            gx, gy = it.gain if it is not None else (1.0, 1.0)
+            rows.append({"scale_factor": [gy, gx], "im_shape": [imgsz, imgsz], "image_size": [h, w]}[kind]
+                        if isinstance(kind, str) else list(kind))
+        floating = "float" in dtype or dtype.startswith("f")  # ONNX Runtime: tensor(float); OpenVINO: f32
+        arr = np.asarray(rows, dtype=np.float32 if floating else np.int64 if "64" in dtype else np.int32)
+        if len(shape) == 1:  # no batch axis
+            arr = arr[0]
+        feeds[name] = arr
+    return feeds
 
 
 def graph_input_size(path: str | Path, graph=None) -> int | None:
@@ -223,6 +276,10 @@ def _fits(kind: str, outs: list, nc: int, imgsz: int, card: ModelCard) -> bool:
             (-(-imgsz // s)) ** 2 for s in _gfl_strides(card, len(levels[0]))]
     if kind == "nms-inside":
         return len(outs) == 3 and sorted(o.ndim for o in outs) == [1, 1, 2]
+    if kind == "nms-rows":
+        rows = [o for o in outs if o.is_floating_point() and o.shape[-1] == 6 and (o.ndim == 2 or o.ndim == 3
+                                                                                   and o.shape[0] == 1)]
+        return len(rows) == 1 and all(o is rows[0] or o.ndim <= 1 and not o.is_floating_point() for o in outs)
     return len(outs) == 2 and all(o.ndim == 3 for o in outs) and 4 in (outs[0].shape[-1], outs[1].shape[-1])
 
 
@@ -234,7 +291,7 @@ def detect_decoder(outputs, nc: int, imgsz: int, card: ModelCard | None = None) 
     """The decoder the outputs' shapes call for, or a clear error."""
     card = card or ModelCard()
     outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-    for kind in ("ultralytics", "yolox", "gfl", "nms-inside", "boxes-scores"):
+    for kind in ("ultralytics", "yolox", "gfl", "nms-inside", "nms-rows", "boxes-scores"):
         if _fits(kind, outs, nc, imgsz, card):
             return kind
     raise LowbitError(f"cannot decode model outputs of shapes {_shapes(outputs)}: not a detector head lowbit knows "
@@ -263,6 +320,8 @@ def decode(outputs, card: ModelCard, nc: int, imgsz: int) -> list[torch.Tensor]:
         return _gfl(scores, dists, imgsz, _gfl_strides(card, len(scores)), card.reg_max, card.cell_offset)
     if kind == "nms-inside":
         return [_nms_inside(outs, imgsz, card.boxes)]
+    if kind == "nms-rows":
+        return [_nms_rows(outs, imgsz, card.boxes)]
     return _boxes_scores(outs, imgsz, card.boxes)
 
 
@@ -338,6 +397,27 @@ def _nms_inside(outs: list[torch.Tensor], imgsz: int, coords: str) -> torch.Tens
     if coords == "normalized":
         boxes = boxes * imgsz
     return torch.cat([boxes, floats[0].float()[:, None], ints[0].float()[:, None]], 1)
+
+
+def _nms_rows(outs: list[torch.Tensor], imgsz: int, coords: str) -> torch.Tensor:
+    """PaddleDetection's exports with NMS inside: rows of [class, score, x1, y1, x2, y2] (padding rows have class
+    -1) beside a count per image."""
+    rows = next(o for o in outs if o.is_floating_point() and o.shape[-1] == 6).float().reshape(-1, 6)
+    rows = rows[rows[:, 0] >= 0]
+    boxes = rows[:, 2:6] * imgsz if coords == "normalized" else rows[:, 2:6]
+    return torch.cat([boxes, rows[:, 1:2], rows[:, 0:1]], 1)
+
+
+def to_input_pixels(dets: list[torch.Tensor], items) -> list[torch.Tensor]:
+    """Detections a graph returned in each image's own pixels (card `boxes: original`) -> input pixels, as every
+    other decoder returns them."""
+    out = []
+    for d, it in zip(dets, items):
+        d = d.clone()
+        d[:, [0, 2]] = d[:, [0, 2]] * it.gain[0] + it.offset[0]
+        d[:, [1, 3]] = d[:, [1, 3]] * it.gain[1] + it.offset[1]
+        out.append(d)
+    return out
 
 
 def _boxes_scores(outs: list[torch.Tensor], imgsz: int, coords: str, conf: float = 0.001, iou: float = 0.5,

@@ -25,7 +25,7 @@ from lowbit import targets
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, parse_format
 from lowbit.io import atomic_write_bytes
-from lowbit.models.onnx_detector import quiet_session_options
+from lowbit.models.onnx_detector import extra_feeds, quiet_session_options
 from lowbit.quantize.manifest import Manifest, image_input_rule
 from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_groups, conv_layers, conv_weights,
                                  image_convs, insert_activation_qdq, load_graph, uniform_layers, write_qdq)
@@ -91,11 +91,11 @@ class InputStats:
 
 
 def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_per_image: int = 2048,
-                        progress: bool = False, gram_convs: dict[str, ConvRef] | None = None):
+                        progress: bool = False, gram_convs: dict[str, ConvRef] | None = None, card=None):
     """Statistics of `tensors` (graph tensors) over `images` ([N, C, H, W] as the graph takes them), from one
     ONNX Runtime pass of the float graph with those tensors as extra outputs. With `gram_convs` ({layer: conv}),
     the same pass also sums each conv's input-patch Gram matrix for GPTQ, and (stats, {layer: InputGram}) is
-    returned."""
+    returned. `card` (lowbit.models.onnx_detector.ModelCard) says what inputs beside the image take."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -122,11 +122,10 @@ def collect_input_stats(model, tensors: list[str], images: np.ndarray, samples_p
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
         raise LowbitError(f"ONNX Runtime cannot run the float graph ({str(e).splitlines()[0][:200]})") from None
-    name = sess.get_inputs()[0].name
     what = "calibrating activations" + (" and GPTQ statistics" if grams else "")
     for x in track(images, what, enabled=progress):
         x = x[None].astype(np.float32)
-        outs = dict(zip(inner, sess.run(inner, {name: feed(sess, x)}))) if inner else {}
+        outs = dict(zip(inner, sess.run(inner, feed(sess, x, card)))) if inner else {}
         for t in tensors:
             v = x if t in inputs else outs[t]
             stats[t].add(v, max(4, samples_per_image // max(v.shape[1], 1)), rng)
@@ -157,9 +156,13 @@ def _conv_shell(model, ref: ConvRef):
     return shell, ((0, 0, 0, 0) if symmetric else (pads[1], pads[3], pads[0], pads[2]))
 
 
-def feed(sess, x: np.ndarray) -> np.ndarray:
-    """One image [1, C, H, W] as the session's input takes it: torchvision's detection exports have no batch axis."""
-    return x[0] if len(sess.get_inputs()[0].shape) == 3 else x
+def feed(sess, x: np.ndarray, card=None) -> dict[str, np.ndarray]:
+    """A session's inputs for one image [1, C, H, W]: the image as the graph takes it (torchvision's detection
+    exports have no batch axis), and inputs beside it as `card` describes them, for a square image of the input's
+    size (what calibration needs: such inputs act after the convs)."""
+    first, *rest = sess.get_inputs()
+    extra = extra_feeds(card, {i.name: (i.shape, i.type) for i in rest}, None, x.shape[-1]) if rest else {}
+    return {first.name: x[0] if len(first.shape) == 3 else x, **extra}
 
 
 def _input_weights(w: np.ndarray, channels: int) -> np.ndarray:
@@ -252,7 +255,7 @@ class QdqOnnxInfo(BaseModel):
 def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = "int8",
                    calibration: ActivationCalibration | None = None, weights=None, act_amax: dict[str, float] | None = None,
                    layers: dict[str, ConvRef] | None = None, placement: Placement = "consumer",
-                   progress: bool = False) -> dict:
+                   progress: bool = False, card=None) -> dict:
     """Rewrite `model` (a float graph) in place with the formats of `manifest`.
 
     `act_dtype`: how INT8 activations are encoded, "int8" (symmetric, TensorRT) or "uint8" (asymmetric, OpenVINO);
@@ -314,7 +317,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     if calibrate or gptq_convs:
         tensors = [] if not calibrate else sorted({t for src, _ in groups for t in src} if groups
                                                    else {layers[n].input for n in act_layers})
-        got = collect_input_stats(model, tensors, images, cal.samples_per_image, progress, gptq_convs)
+        got = collect_input_stats(model, tensors, images, cal.samples_per_image, progress, gptq_convs, card)
         stats, grams = got if gptq_convs else (got, {})
     if act_layers and not calibrate and act_amax is None:
         raise LowbitError("activation formats need calibration images")
@@ -401,14 +404,14 @@ def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.nd
 
 def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray | None = None,
                   target: str = DEFAULT_TARGET, calibration: ActivationCalibration | None = None,
-                  progress: bool = False) -> QdqOnnxInfo:
+                  progress: bool = False, card=None) -> QdqOnnxInfo:
     """Write a Q/DQ copy of the float ONNX `src` with the formats of `manifest`, for `target` (lowbit.targets);
-    written only when it is whole."""
+    written only when it is whole. `card`: how the graph is fed (inputs beside the image)."""
     tgt = targets.get_target(target)
     model = load_graph(src) if isinstance(src, (str, Path)) else copy.deepcopy(src)
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
-                          progress=progress)
+                          progress=progress, card=card)
     info, _ = write_graph(model, out, done, layers, target, manifest, "onnx", calibration=calibration,
                           calibration_images=0 if images is None else len(images))
     return info

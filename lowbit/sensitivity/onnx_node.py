@@ -95,7 +95,7 @@ class OnnxProbe:
     and one ORT session per probe."""
 
     def __init__(self, model, images: np.ndarray, threads: int | None = None, weight_range: str = "full",
-                 act_dtype: str = "int8", calibration=None):
+                 act_dtype: str = "int8", calibration=None, card=None):
         import onnx
 
         from lowbit.quantize.onnx_ptq import ActivationCalibration, collect_input_stats
@@ -114,16 +114,16 @@ class OnnxProbe:
         self.calibration = calibration or ActivationCalibration()
         self.opts = quiet_session_options(threads)
         self.node_of = {name: ref.node.name for name, ref in self.layers.items()}  # ONNX node <-> layer
+        self.card = card
         self.stats = collect_input_stats(model, sorted({self.layers[x].input for x in self.weights}), self.images,
-                                         self.calibration.samples_per_image)
+                                         self.calibration.samples_per_image, card=card)
         self.reference = self._run(self.base)
 
     def _run(self, model) -> list[list[np.ndarray]]:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(model.SerializeToString(), self.opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return [sess.run(self.heads, {name: feed(sess, x[None])}) for x in self.images]
+        return [sess.run(self.heads, feed(sess, x[None], self.card)) for x in self.images]
 
     def score(self, layer: str, fmt) -> float:
         """Mean over head maps of the normalized MSE against the float graph, with only `layer` quantized."""
@@ -166,7 +166,7 @@ def onnx_native(ctx: SensitivityContext, store: ScoreStore) -> None:
     model = float_graph_for(ctx)
     images = np.concatenate([b.images.numpy() for b in ctx.batches])
     probe = OnnxProbe(model, images, ctx.options.get("threads"), ctx.weights.weight_range,
-                      ctx.options.get("act_dtype", "int8"))
+                      ctx.options.get("act_dtype", "int8"), card=ctx.options.get("card"))
     missing = [x.name for _, x in todo if x.name not in probe.weights]
     if missing:
         raise LowbitError(f"layer {missing[0]}: no Conv of the ONNX graph is that layer")
