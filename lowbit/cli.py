@@ -31,6 +31,9 @@ TARGET_HELP = ("deployment target: openvino-cpu (asymmetric UINT8 activations qu
 TARGET = typer.Option(DEFAULT_TARGET, "--target", "-t", help=TARGET_HELP)
 ACT_RANGE = typer.Option("mse", "--act-range", help="range of INT8 activations on the graph: mse (the clip with the "
                          "least output error), max, mean-minmax (mean over images of each image's range) or percentile")
+KEEP_FLOAT = typer.Option(0, "--keep-float", help="also keep float the inputs of the K convs whose quantized input "
+                          "most changes the detector's outputs, each measured alone on calibration images (targets "
+                          "that quantize in front of each conv: tensorrt, onnxruntime-cpu)")
 # old spellings, kept hidden for one release
 OLD_ACT_RANGE = typer.Option(None, "--method", hidden=True)
 CALIB_SEED = typer.Option(0, "--calib-seed", help="which random subset of the calibration images --calib-images "
@@ -288,7 +291,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
            target: str = TARGET,
            calib: Optional[str] = typer.Option(None, help="images to calibrate activation ranges on the exported graph "
                                                "(default: the checkpoint's ModelOpt ranges)"),
-           act_range: str = ACT_RANGE,
+           act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT,
            calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
            calib_seed: int = CALIB_SEED,
            parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
@@ -300,7 +303,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
 
     info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
                                    target=target, calib=_data(calib, None, calib_images or None, calib_seed) if calib else None,
-                                   calibration=ActivationCalibration(method=act_range),
+                                   calibration=ActivationCalibration(method=act_range, keep_worst=keep_float),
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
@@ -369,7 +372,7 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
-                  act_range: str = ACT_RANGE, old_act_range: Optional[str] = OLD_ACT_RANGE,
+                  act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT, old_act_range: Optional[str] = OLD_ACT_RANGE,
                   rounding: Optional[str] = typer.Option(None, help="weight rounding of --format on the graph: gptq "
                                                          "(on the calibration images' conv inputs, collected with ONNX "
                                                          "Runtime) or nearest; default: gptq with --calib, else "
@@ -387,7 +390,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
         model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=formats,
         manifest=str(manifest[0]) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
-        calibration=ActivationCalibration(method=old_act_range or act_range), preprocess=preprocess,
+        calibration=ActivationCalibration(method=old_act_range or act_range, keep_worst=keep_float),
+        preprocess=preprocess,
         rounding=rounding), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
                   f"{info.weight_dtypes} rounded {'by GPTQ' if info.rounding == 'gptq' else 'to nearest'}, "

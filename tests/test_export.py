@@ -540,3 +540,30 @@ def test_image_convs_found_through_a_space_to_depth_stem():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(model)
     assert image_convs(model) == {"stem"}
+
+
+def test_keep_worst_keeps_the_inputs_that_most_change_the_outputs_float(tmp_path, tiny, tiny_batches):
+    """`keep_worst`: the K convs whose quantized input alone most changes the head maps keep a float input (no
+    Q/DQ in front of them), are reported, and are the K the probe ranks worst."""
+    from lowbit.quantize.onnx_ptq import ActivationCalibration, quantize_onnx, uniform_manifest
+    from lowbit.sensitivity.onnx_node import OnnxProbe
+
+    float_model = export_float_onnx(tiny.net, 64)
+    src = tmp_path / "float.onnx"
+    src.write_bytes(float_model.SerializeToString())
+    images = torch.cat([b.images for b in tiny_batches]).numpy()
+    m = uniform_manifest(float_model, str(src), "W8A8", "nearest")
+    base = quantize_onnx(src, m, tmp_path / "a.onnx", images, "tensorrt")
+    cal = ActivationCalibration(keep_worst=3, keep_worst_images=4)
+    kept = quantize_onnx(src, m, tmp_path / "b.onnx", images, "tensorrt", cal)
+    extra = set(kept.activations_kept_float) - set(base.activations_kept_float)
+    assert len(extra) == 3 and kept.activation_qdq == base.activation_qdq - 3
+    g = onnx.load(kept.path).graph
+    assert not any(n.name == f"{layer}/input_Q" for layer in extra for n in g.node)
+    # the three are the probe's worst (inputs quantized alone, weights float)
+    probe = OnnxProbe(float_model, images[:4], act_dtype="int8")
+    act_only = parse_format("W8A8").model_copy(update={"weight": None})
+    scores = {n: probe.score(n, act_only) for n in m.layers if n not in base.activations_kept_float}
+    assert extra == set(sorted(scores, key=scores.get, reverse=True)[:3])
+    with pytest.raises(LowbitError, match="keep_worst measures each conv"):
+        quantize_onnx(src, m, tmp_path / "c.onnx", images, "openvino-cpu", cal)

@@ -53,6 +53,11 @@ class ActivationCalibration(BaseModel):
     # value, each input channel weighted by the energy of the weights that read it) stays float, and the result says
     # so: one channel far larger than the rest wastes a per-tensor range on all the others
     max_error: float = Field(0.02, gt=0)
+    # also keep float the inputs of the `keep_worst` convs whose quantized input most changes the detector's
+    # outputs, each measured alone (head maps' relative error) on up to `keep_worst_images` calibration images;
+    # targets that quantize in front of each conv (tensorrt, onnxruntime-cpu)
+    keep_worst: int = Field(0, ge=0)
+    keep_worst_images: int = Field(32, ge=1)
 
 
 @dataclass
@@ -252,6 +257,26 @@ class QdqOnnxInfo(BaseModel):
     seconds: float | None = None
 
 
+def _worst_inputs(model, manifest, images, act_dtype: str, cal: ActivationCalibration, card, weight_of) -> dict:
+    """{layer: head-map error} of the `cal.keep_worst` convs whose quantized input alone (weights as they will be
+    written) most changes the float graph's outputs."""
+    # imported here: the probe (lowbit.sensitivity) is built on this module
+    from lowbit.sensitivity.onnx_node import OnnxProbe
+
+    if images is None or not len(images):
+        raise LowbitError("keep_worst needs calibration images (--calib)")
+    act_layers = [n for n, f in manifest.layers.items() if f.act is not None]
+    probe = OnnxProbe(model, images[:cal.keep_worst_images], act_dtype=act_dtype, calibration=cal, card=card)
+    damage = {}
+    for n in act_layers:
+        fmt = manifest.layers[n]
+        dtype = "fp8" if fmt.act.dtype == "fp8" else act_dtype
+        st = probe.stats[probe.layers[n].input]
+        w = weight_of(n)[0]
+        damage[n] = probe.error(n, fmt, None, choose_range(st, dtype, cal, w))
+    return {n: damage[n] for n in sorted(damage, key=damage.get, reverse=True)[:cal.keep_worst]}
+
+
 def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = "int8",
                    calibration: ActivationCalibration | None = None, weights=None, act_amax: dict[str, float] | None = None,
                    layers: dict[str, ConvRef] | None = None, placement: Placement = "consumer",
@@ -331,6 +356,10 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
 
     chosen: dict[str, ActQuant] = {}
     kept_float: dict[str, float] = {}  # layer -> the share of its input's signal INT8 would have lost
+    if cal.keep_worst and placement != "consumer":
+        raise LowbitError("keep_worst measures each conv's quantized input alone, which a target that quantizes "
+                          "where activations are produced (openvino-cpu, openvino-amx) does not write")
+    worst = _worst_inputs(model, manifest, images, act_dtype, cal, card, weight_of) if cal.keep_worst else {}
     if placement == "consumer":
         for layer in act_layers:
             dtype = "fp8" if manifest.layers[layer].act.dtype == "fp8" else act_dtype
@@ -340,7 +369,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
             st, w = stats[layers[layer].input], weight_of(layer)[0]
             q = choose_range(st, dtype, cal, w)
             err = relative_error(st, q, w)
-            if err > cal.max_error:
+            if err > cal.max_error or layer in worst:
                 kept_float[layer] = err
             else:
                 chosen[layer] = q

@@ -127,20 +127,29 @@ class OnnxProbe:
 
     def score(self, layer: str, fmt) -> float:
         """Mean over head maps of the normalized MSE against the float graph, with only `layer` quantized."""
-        from lowbit.quantize.manifest import Manifest
         from lowbit.quantize.onnx_ptq import choose_range, weight_amax
-        from lowbit.quantize.qdq import conv_layers, write_qdq
 
-        model = copy.deepcopy(self.base)
         w = self.weights[layer].astype(np.float32)
-        manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max",
-                            rounding="nearest", weight_range=self.weight_range)
         act = None
         if fmt.act is not None:
             dtype = "fp8" if fmt.act.dtype == "fp8" else self.act_dtype
             act = choose_range(self.stats[self.layers[layer].input], dtype, self.calibration, w)
-        write_qdq(model, manifest, lambda _: (w, weight_amax(w, fmt, self.weight_range) if fmt.weight is not None
-                                              else None, act), conv_layers(model))
+        return self.error(layer, fmt, weight_amax(w, fmt, self.weight_range) if fmt.weight is not None else None, act)
+
+    def error(self, layer: str, fmt, amax, act) -> float:
+        """The head maps' error with only `layer` quantized: its weights in `fmt` at `amax` (None: float), its input
+        by the quantizer `act` (None: float)."""
+        from lowbit.formats import Format
+        from lowbit.quantize.manifest import Manifest
+        from lowbit.quantize.qdq import write_qdq
+
+        fmt = Format(name="probe", weight=fmt.weight if amax is not None else None,
+                     act=fmt.act if act is not None else None)
+        model = copy.deepcopy(self.base)
+        w = self.weights[layer].astype(np.float32)
+        manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max",
+                            rounding="nearest", weight_range=self.weight_range)
+        write_qdq(model, manifest, lambda _: (w, amax, act), conv_layers(model))
         outs = self._run(model)
         errs = [float(((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12))
                 for ro, oo in zip(self.reference, outs) for r, o in zip(ro, oo)]
