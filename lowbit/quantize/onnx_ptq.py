@@ -259,7 +259,7 @@ class QdqOnnxInfo(BaseModel):
 
 def _worst_inputs(model, manifest, images, act_dtype: str, cal: ActivationCalibration, card, weight_of) -> dict:
     """{layer: head-map error} of the `cal.keep_worst` convs whose quantized input alone (weights as they will be
-    written) most changes the float graph's outputs."""
+    written) most changes the float graph's outputs, beyond those `cal.max_error` keeps float."""
     # imported here: the probe (lowbit.sensitivity) is built on this module
     from lowbit.sensitivity.onnx_node import OnnxProbe
 
@@ -273,7 +273,10 @@ def _worst_inputs(model, manifest, images, act_dtype: str, cal: ActivationCalibr
         dtype = "fp8" if fmt.act.dtype == "fp8" else act_dtype
         st = probe.stats[probe.layers[n].input]
         w = weight_of(n)[0]
-        damage[n] = probe.error(n, fmt, None, choose_range(st, dtype, cal, w))
+        q = choose_range(st, dtype, cal, w)
+        if relative_error(st, q, w) > cal.max_error:  # kept float anyway: the K are beyond these
+            continue
+        damage[n] = probe.error(n, fmt, None, q)
     return {n: damage[n] for n in sorted(damage, key=damage.get, reverse=True)[:cal.keep_worst]}
 
 
