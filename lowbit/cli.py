@@ -307,7 +307,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
-    _kept_float(info.activations_kept_float)
+    _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
     if info.parity_max_abs is not None:
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
@@ -397,15 +397,20 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   f"{info.weight_dtypes} rounded {'by GPTQ' if info.rounding == 'gptq' else 'to nearest'}, "
                   f"{info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
-    _kept_float(info.activations_kept_float)
+    _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
 
 
-def _kept_float(layers: dict[str, float]) -> None:
-    if layers:
-        console.print(f"[yellow]activations kept float[/yellow] in {len(layers)} layer(s), where INT8 would lose this "
+def _kept_float(layers: dict[str, float], worst: dict[str, float] | None = None) -> None:
+    plain = {n: e for n, e in layers.items() if n not in (worst or {})}
+    if plain:
+        console.print(f"[yellow]activations kept float[/yellow] in {len(plain)} layer(s), where INT8 would lose this "
                       "share of the input's signal: " + ", ".join(f"{n} {e:.0%}" for n, e in sorted(
-                          layers.items(), key=lambda kv: -kv[1])[:8]))
+                          plain.items(), key=lambda kv: -kv[1])[:8]))
+    if worst:
+        console.print(f"[yellow]activations kept float[/yellow] in the {len(worst)} layer(s) whose quantized input "
+                      "most changes the outputs (--keep-float; head maps' relative error): " + ", ".join(
+                          f"{n} {e:.2g}" for n, e in sorted(worst.items(), key=lambda kv: -kv[1])))
 
 
 @app.command()

@@ -565,5 +565,6 @@ def test_keep_worst_keeps_the_inputs_that_most_change_the_outputs_float(tmp_path
     act_only = parse_format("W8A8").model_copy(update={"weight": None})
     scores = {n: probe.score(n, act_only) for n in m.layers if n not in base.activations_kept_float}
     assert extra == set(sorted(scores, key=scores.get, reverse=True)[:3])
+    assert set(kept.activations_kept_float_by_output) == extra
     with pytest.raises(LowbitError, match="keep_worst measures each conv"):
         quantize_onnx(src, m, tmp_path / "c.onnx", images, "openvino-cpu", cal)

@@ -248,6 +248,8 @@ class QdqOnnxInfo(BaseModel):
     # layers whose input INT8 would have lost more than ActivationCalibration.max_error of its signal: kept float,
     # with that share
     activations_kept_float: dict[str, float] = Field(default_factory=dict)
+    # of those, the ones ActivationCalibration.keep_worst chose: the head maps' relative error each causes alone
+    activations_kept_float_by_output: dict[str, float] = Field(default_factory=dict)
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
@@ -411,7 +413,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     encodings = sorted({"fp8" if manifest.layers[n].act.dtype == "fp8" else act_dtype
                         for n in act_layers if n not in kept_float})
     return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": "+".join(encodings) or None,
-            "activations_kept_float": kept_float, "manifest": manifest}
+            "activations_kept_float": kept_float, "activations_kept_float_by_output": worst, "manifest": manifest}
 
 
 def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.ndarray:
