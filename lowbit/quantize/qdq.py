@@ -66,6 +66,13 @@ def load_graph(path: str | Path):
             model = version_converter.convert_version(model, OPSET)
         except Exception as e:
             raise LowbitError(f"{path}: cannot convert from opset {version} to {OPSET} ({e})") from None
+    # Older exporters (paddle2onnx among them) also list every weight as a graph input; from ONNX IR 4 on, such an
+    # input is one a caller may override, and OpenVINO then asks for each of them. They are constants here.
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) < len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
     return model
 
 
