@@ -308,6 +308,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
     _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
+    _head_error(info.head_error)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
     if info.parity_max_abs is not None:
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")
@@ -398,7 +399,24 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   f"{info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
     _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
+    _head_error(info.head_error)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
+
+
+# Artifacts measured so far (docs/results.md, section 7): those within about a point of float showed head-map errors
+# up to 0.025, the two that lost 6 or more points 0.088 and 0.145
+HEAD_ERROR_WARN = 0.05
+
+
+def _head_error(err: float | None) -> None:
+    if err is None:
+        return
+    if err > HEAD_ERROR_WARN:
+        console.print(f"[bold red]warning:[/bold red] the quantized graph's head maps are {err:.2f} (relative squared "
+                      "error) from the float graph's on calibration images: its accuracy may have collapsed; score it "
+                      "with `lowbit eval` before deploying (another --target, or --keep-float, may help)")
+    else:
+        console.print(f"head maps' error against the float graph on calibration images: {err:.3g}")
 
 
 def _kept_float(layers: dict[str, float], worst: dict[str, float] | None = None) -> None:

@@ -568,3 +568,18 @@ def test_keep_worst_keeps_the_inputs_that_most_change_the_outputs_float(tmp_path
     assert set(kept.activations_kept_float_by_output) == extra
     with pytest.raises(LowbitError, match="keep_worst measures each conv"):
         quantize_onnx(src, m, tmp_path / "c.onnx", images, "openvino-cpu", cal)
+
+
+def test_quantize_onnx_reports_how_far_the_head_maps_moved(tmp_path, tiny, tiny_batches):
+    """The head-map error against the float graph (lowbit warns past 0.05): zero-ish for INT8 weights, larger for
+    INT4, and computed on FP8 graphs too (ONNX Runtime's CPU fusion has no FP8 kernels)."""
+    from lowbit.quantize.onnx_ptq import quantize_onnx, uniform_manifest
+
+    float_model = export_float_onnx(tiny.net, 64)
+    src = tmp_path / "float.onnx"
+    src.write_bytes(float_model.SerializeToString())
+    images = torch.cat([b.images for b in tiny_batches]).numpy()
+    err = {f: quantize_onnx(src, uniform_manifest(float_model, str(src), f, "nearest"), tmp_path / f"{f[:5]}.onnx",
+                            images, "tensorrt").head_error for f in ("W8A16", "W4A16", "W8A8-FP8:pc")}
+    assert 0 < err["W8A16"] < err["W4A16"] and err["W8A8-FP8:pc"] > 0, err
+    assert quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A16", "nearest"), tmp_path / "n.onnx").head_error is None

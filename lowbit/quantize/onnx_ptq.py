@@ -254,6 +254,8 @@ class QdqOnnxInfo(BaseModel):
     deploy_note: str
     size_mb: float
     rounding: str  # how the stored weights were rounded (lowbit.quantize.manifest.Rounding)
+    # the head maps' relative squared error against the float graph on 8 calibration images (head_map_error)
+    head_error: float | None = None
     parity_max_abs: float | None = None  # against the fake-quant model on ONNX Runtime (`lowbit export --parity`)
     parity_mean_abs: float | None = None
     seconds: float | None = None
@@ -443,12 +445,42 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     written only when it is whole. `card`: how the graph is fed (inputs beside the image)."""
     tgt = targets.get_target(target)
     model = load_graph(src) if isinstance(src, (str, Path)) else copy.deepcopy(src)
+    float_model = copy.deepcopy(model)
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress, card=card)
     info, _ = write_graph(model, out, done, layers, target, manifest, "onnx", calibration=calibration,
                           calibration_images=0 if images is None else len(images))
+    if images is not None and len(images):
+        info.head_error = head_map_error(float_model, model, images, card)
     return info
+
+
+def head_map_error(float_model, quantized, images: np.ndarray, card=None, n: int = 8) -> float:
+    """How far the quantized graph's raw head maps (the outputs of the last convs) are from the float graph's on
+    the first `n` calibration images: squared error over squared value, averaged over maps and images. A graph
+    that loses a detector's outputs (errors compounding through its layers) shows here before any evaluation."""
+    import onnx
+    import onnxruntime as ort
+
+    # imported here: lowbit.sensitivity is built on this module
+    from lowbit.sensitivity.onnx_node import head_outputs, scored_weights
+
+    heads = head_outputs(float_model, scored_weights(float_model))
+
+    def run(m) -> list[list[np.ndarray]]:
+        m = copy.deepcopy(m)
+        del m.graph.output[:]
+        m.graph.output.extend([onnx.ValueInfoProto(name=t) for t in heads])
+        opts = quiet_session_options()
+        # basic optimization keeps Q/DQ pairs as they are written: ONNX Runtime's CPU fusion has no FP8 kernels
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [sess.run(heads, feed(sess, x[None].astype(np.float32), card)) for x in images[:n]]
+
+    ref, got = run(float_model), run(quantized)
+    return float(np.mean([((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12)
+                          for ro, oo in zip(ref, got) for r, o in zip(ro, oo)]))
 
 
 def write_graph(model, out: str | Path, done: dict, layers: dict, target: str, manifest, source: str,
