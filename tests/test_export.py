@@ -147,7 +147,8 @@ def test_bench_times_present_runtimes_checks_outputs_and_lists_absent_ones(tmp_p
 
     # a runtime that computes something else is reported as failing, and is not timed
     real = runners.OpenVinoRunner._run_all
-    monkeypatch.setattr(runners.OpenVinoRunner, "_run_all", lambda self, x: [o * 0.5 for o in real(self, x)])
+    monkeypatch.setattr(runners.OpenVinoRunner, "_run_all",
+                        lambda self, x, extra=None: [o * 0.5 for o in real(self, x, extra)])
     rows = bench.bench_models(models, threads=1, warmup=0, reps=1, verify=verify)
     bad = [r for r in rows if r.runtime.startswith("openvino")]
     assert bad and all(r.failed and r.median_ms is None and "DIVERGES" in r.note for r in bad)

@@ -8,17 +8,18 @@ graph with images (encoded and placed as the target needs) or taken from ModelOp
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lowbit.errors import LowbitError
-from lowbit.quantize.manifest import Manifest
 from lowbit import targets
+from lowbit.errors import LowbitError
 from lowbit.models.onnx_detector import quiet_session_options
-from lowbit.quantize.onnx_ptq import QdqOnnxInfo, quantize_graph, write_graph
+from lowbit.quantize.manifest import Manifest
+from lowbit.quantize.onnx_ptq import QdqOnnxInfo, head_map_error, quantize_graph, write_graph
 from lowbit.quantize.qdq import OPSET, conv_layers
 from lowbit.targets import DEFAULT_TARGET
 
@@ -33,8 +34,6 @@ def _amax(q) -> np.ndarray:
 def export_float_onnx(net: torch.nn.Module, imgsz: int) -> "onnx.ModelProto":  # noqa: F821
     import onnx
     from onnx import version_converter
-
-    import copy
 
     buf = io.BytesIO()
     net = copy.deepcopy(net).float().eval().cpu()
@@ -73,6 +72,7 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
     compared with the fake-quant model's."""
     tgt = targets.get_target(target)
     model = export_float_onnx(net_float, manifest.imgsz)
+    float_model = copy.deepcopy(model)
     layers = conv_layers(model)
 
     def weights(layer: str):
@@ -87,6 +87,8 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
     info, data = write_graph(model, path, done, layers, target, manifest, "checkpoint",
                              calibration=calibration if calib_images is not None else None,
                              calibration_images=0 if calib_images is None else len(calib_images))
+    if calib_images is not None and len(calib_images):
+        info.head_error = head_map_error(float_model, model, calib_images)
     if parity_images is not None:
         import onnxruntime as ort
 
