@@ -245,3 +245,26 @@ def test_gptq_on_fp8_weights_stays_on_modelopts_grid_and_beats_rounding(yolov10n
     with torch.no_grad():
         assert torch.allclose(q.weight_quantizer(q.weight), q.weight, rtol=1e-5, atol=1e-7)
     assert not torch.equal(q.weight, conv.weight)
+
+
+def test_a_manifest_written_when_weight_clip_carried_the_rounding_reads_as_it_was_made(tmp_path, tiny):
+    """Before `rounding` had its own field, `weight_clip` named both: "gptq" = max clip + GPTQ rounding, "max" =
+    ModelOpt alone (nearest), "output+gptq" = output clip + GPTQ. Such files (and configs) keep their meaning."""
+    import json
+
+    from lowbit.config import QuantizeConfig
+
+    m = Manifest.uniform("yolov10n.yaml", tiny.layers(), "W8A16", weights=NEAREST)
+    for old, clip, rounding in [("gptq", "max", "gptq"), ("max", "max", "nearest"), ("output+gptq", "output", "gptq"),
+                                ("gptq-seq", "max", "gptq-seq")]:
+        data = json.loads(m.model_dump_json())
+        del data["rounding"]
+        data["weight_clip"] = old
+        (tmp_path / "m.json").write_text(json.dumps(data))
+        back = Manifest.load(tmp_path / "m.json")
+        assert (back.weight_clip, back.rounding) == (clip, rounding), old
+        cfg = QuantizeConfig(model="m.pt", calib={"path": "x"}, weight_clip=old)
+        assert (cfg.weight_clip, cfg.rounding) == (clip, rounding)
+    assert QuantizeConfig(model="m.pt", calib={"path": "x"}).weight_recipe.rounding == "gptq"  # today's default
+    with pytest.raises(Exception):
+        QuantizeConfig(model="m.pt", calib={"path": "x"}, weight_clip="gptq", rounding="nearest")
