@@ -405,7 +405,7 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
 
 
 # Artifacts measured so far (docs/results.md, section 7): those within about a point of float showed head-map errors
-# up to 0.025, the two that lost 6 or more points 0.088 and 0.145
+# up to 0.025, the two that lost 6 or more points 0.085 and 0.145
 HEAD_ERROR_WARN = 0.05
 
 

@@ -72,9 +72,6 @@ class _GraphRunner:
     def _run_all(self, x: np.ndarray, extra: dict | None = None) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self._run_all(x, self._extra(None, 1))[0]
-
     def _extra(self, items, n: int) -> dict:
         if not self.extra_inputs:
             return {}

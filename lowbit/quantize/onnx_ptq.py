@@ -445,13 +445,13 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     written only when it is whole. `card`: how the graph is fed (inputs beside the image)."""
     tgt = targets.get_target(target)
     model = load_graph(src) if isinstance(src, (str, Path)) else copy.deepcopy(src)
-    float_model = copy.deepcopy(model)
+    float_model = copy.deepcopy(model) if images is not None and len(images) else None  # for the head-map error
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress, card=card)
     info, _ = write_graph(model, out, done, layers, target, manifest, "onnx", calibration=calibration,
                           calibration_images=0 if images is None else len(images))
-    if images is not None and len(images):
+    if float_model is not None:
         info.head_error = head_map_error(float_model, model, images, card)
     return info
 
@@ -464,7 +464,7 @@ def head_map_error(float_model, quantized, images: np.ndarray, card=None, n: int
     import onnxruntime as ort
 
     # imported here: lowbit.sensitivity is built on this module
-    from lowbit.sensitivity.onnx_node import head_outputs, scored_weights
+    from lowbit.sensitivity.onnx_node import head_error, head_outputs, scored_weights
 
     heads = head_outputs(float_model, scored_weights(float_model))
 
@@ -478,9 +478,7 @@ def head_map_error(float_model, quantized, images: np.ndarray, card=None, n: int
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return [sess.run(heads, feed(sess, x[None].astype(np.float32), card)) for x in images[:n]]
 
-    ref, got = run(float_model), run(quantized)
-    return float(np.mean([((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12)
-                          for ro, oo in zip(ref, got) for r, o in zip(ro, oo)]))
+    return head_error(run(float_model), run(quantized))
 
 
 def write_graph(model, out: str | Path, done: dict, layers: dict, target: str, manifest, source: str,

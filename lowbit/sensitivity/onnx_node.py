@@ -90,6 +90,12 @@ def onnx_layers(model, imgsz: int) -> list:
     return out
 
 
+def head_error(reference: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> float:
+    """Per image and head map, the squared error over the squared reference, averaged."""
+    return float(np.mean([((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12)
+                          for ro, oo in zip(reference, outs) for r, o in zip(ro, oo)]))
+
+
 class OnnxProbe:
     """The float graph with its head maps exposed, the reference maps, every conv input's calibration statistics,
     and one ORT session per probe."""
@@ -150,10 +156,7 @@ class OnnxProbe:
         manifest = Manifest(name="probe", model="onnx", layers={layer: fmt}, weight_clip="max",
                             rounding="nearest", weight_range=self.weight_range)
         write_qdq(model, manifest, lambda _: (w, amax, act), conv_layers(model))
-        outs = self._run(model)
-        errs = [float(((o - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12))
-                for ro, oo in zip(self.reference, outs) for r, o in zip(ro, oo)]
-        return float(np.mean(errs))
+        return head_error(self.reference, self._run(model))
 
 
 def float_graph_for(ctx: SensitivityContext):
