@@ -307,7 +307,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
-    _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
+    _kept_float(info)
     _head_error(info.head_error)
     _head_error(info.head_error)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
@@ -399,7 +399,7 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   f"{info.weight_dtypes} rounded {'by GPTQ' if info.rounding == 'gptq' else 'to nearest'}, "
                   f"{info.activation_qdq} activation Q/DQ pairs"
                   f"{f' ({info.activation_dtype})' if info.activation_dtype else ''}")
-    _kept_float(info.activations_kept_float, info.activations_kept_float_by_output)
+    _kept_float(info)
     _head_error(info.head_error)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
 
@@ -420,8 +420,11 @@ def _head_error(err: float | None) -> None:
         console.print(f"head maps' error against the float graph on calibration images: {err:.3g}")
 
 
-def _kept_float(layers: dict[str, float], worst: dict[str, float] | None = None) -> None:
-    plain = {n: e for n, e in layers.items() if n not in (worst or {})}
+def _kept_float(info) -> None:
+    worst, compounding = info.activations_kept_float_by_output, info.activations_kept_float_by_compounding
+    # the checks that look at the outputs keep float inputs the signal-loss rule let through
+    bound = info.calibration.max_error if info.calibration else 0.0
+    plain = {n: e for n, e in info.activations_kept_float.items() if e > bound}
     if plain:
         console.print(f"[yellow]activations kept float[/yellow] in {len(plain)} layer(s), where INT8 would lose this "
                       "share of the input's signal: " + ", ".join(f"{n} {e:.0%}" for n, e in sorted(
@@ -430,6 +433,10 @@ def _kept_float(layers: dict[str, float], worst: dict[str, float] | None = None)
         console.print(f"[yellow]activations kept float[/yellow] in the {len(worst)} layer(s) whose quantized input "
                       "most changes the outputs (--keep-float; head maps' relative error): " + ", ".join(
                           f"{n} {e:.2g}" for n, e in sorted(worst.items(), key=lambda kv: -kv[1])))
+    if compounding:
+        console.print(f"[yellow]activations kept float[/yellow] where errors compounded through the graph, "
+                      f"{len(compounding)} quantizer(s), in the order taken (head maps' error once each was float): "
+                      + ", ".join(f"{u} {e:.2g}" for u, e in compounding.items()))
 
 
 @app.command()

@@ -584,3 +584,56 @@ def test_quantize_onnx_reports_how_far_the_head_maps_moved(tmp_path, tiny, tiny_
                             images, "tensorrt").head_error for f in ("W8A16", "W4A16", "W8A8-FP8:pc")}
     assert 0 < err["W8A16"] < err["W4A16"] and err["W8A8-FP8:pc"] > 0, err
     assert quantize_onnx(src, uniform_manifest(float_model, str(src), "W8A16", "nearest"), tmp_path / "n.onnx").head_error is None
+
+
+class _SharedRangeNet(torch.nn.Module):
+    """Two branches joined by a Concat: one large and nearly unused, one small that the next conv amplifies. Quantized
+    where produced, the Concat's sources share one range and the small branch rounds to zero, though it holds a
+    negligible share of the joined tensor's signal (what the signal-loss rule weighs, channels alike)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.big, self.small = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.big.weight.copy_(torch.randn(8, 3, 3, 3, generator=g) * 20)
+            self.small.weight.copy_(torch.randn(8, 3, 3, 3, generator=g) * 0.05)
+            self.head.weight.copy_(torch.cat([torch.randn(4, 8, 1, 1, generator=g) * 1e-3,
+                                              torch.randn(4, 8, 1, 1, generator=g) * 10], 1))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.big(x), torch.relu(self.small(x))], 1))
+
+
+def test_compounding_check_keeps_float_what_only_the_outputs_show(tmp_path):
+    """The whole quantized graph against the float one: a quantizer that ruins the head maps while losing almost
+    none of its own tensor's signal is found, kept float and named; without the check the graph is ruined. The
+    switches the check tries quantizers with compute what the written graph does."""
+    from lowbit.quantize.onnx_ptq import ActivationCalibration, head_map_error, quantize_onnx, uniform_manifest
+    from lowbit.quantize.qdq import load_graph
+
+    src = tmp_path / "float.onnx"
+    torch.onnx.export(_SharedRangeNet().eval(), torch.rand(1, 3, 32, 32), str(src), opset_version=17, dynamo=False,
+                      input_names=["images"])
+    float_model = load_graph(src)
+    images = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    m = uniform_manifest(float_model, str(src), "W8A8", "nearest")
+    off = quantize_onnx(src, m, tmp_path / "off.onnx", images, "openvino-cpu", ActivationCalibration(compounding=False))
+    assert off.head_error > 0.5 and not off.activations_kept_float  # ruined, and the signal-loss rule saw nothing
+    on = quantize_onnx(src, m, tmp_path / "on.onnx", images, "openvino-cpu")
+    (unit, err), = on.activations_kept_float_by_compounding.items()
+    assert len(unit.split("+")) == 2 and err == on.head_error < 0.01 and on.activation_qdq == off.activation_qdq - 2
+    g = onnx.load(on.path).graph
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in unit.split("+") for n in g.node)
+    (layer, loss), = on.activations_kept_float.items()  # the conv the Concat feeds reads it float, and says so
+    assert layer == "head" and loss < 0.02
+    # the error reported is the written graph's, on the same 8 images
+    assert head_map_error(float_model, onnx.load(on.path), images) == pytest.approx(on.head_error, rel=1e-4)
+    # consumer placement, every quantizer the check takes: the written graph is what the switches computed
+    cal = ActivationCalibration(compound_floor=0.0, compound_share=1e-9)
+    trt = quantize_onnx(src, m, tmp_path / "trt.onnx", images, "tensorrt", cal)
+    assert trt.activations_kept_float_by_compounding
+    g = onnx.load(trt.path).graph
+    assert not any(n.name == f"{layer}/input_Q" for layer in trt.activations_kept_float_by_compounding for n in g.node)
+    assert head_map_error(float_model, onnx.load(trt.path), images) == pytest.approx(trt.head_error, rel=1e-4)

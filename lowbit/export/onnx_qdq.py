@@ -19,7 +19,7 @@ from lowbit import targets
 from lowbit.errors import LowbitError
 from lowbit.models.onnx_detector import quiet_session_options
 from lowbit.quantize.manifest import Manifest
-from lowbit.quantize.onnx_ptq import QdqOnnxInfo, head_map_error, quantize_graph, write_graph
+from lowbit.quantize.onnx_ptq import QdqOnnxInfo, quantize_graph, write_graph
 from lowbit.quantize.qdq import OPSET, conv_layers
 from lowbit.targets import DEFAULT_TARGET
 
@@ -72,7 +72,6 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
     compared with the fake-quant model's."""
     tgt = targets.get_target(target)
     model = export_float_onnx(net_float, manifest.imgsz)
-    float_model = copy.deepcopy(model) if calib_images is not None and len(calib_images) else None
     layers = conv_layers(model)
 
     def weights(layer: str):
@@ -87,8 +86,6 @@ def export_qdq_onnx(net_float: torch.nn.Module, qnet: torch.nn.Module, manifest:
     info, data = write_graph(model, path, done, layers, target, manifest, "checkpoint",
                              calibration=calibration if calib_images is not None else None,
                              calibration_images=0 if calib_images is None else len(calib_images))
-    if float_model is not None:
-        info.head_error = head_map_error(float_model, model, calib_images)
     if parity_images is not None:
         import onnxruntime as ort
 

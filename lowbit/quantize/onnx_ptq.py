@@ -28,7 +28,8 @@ from lowbit.io import atomic_write_bytes
 from lowbit.models.onnx_detector import extra_feeds, quiet_session_options
 from lowbit.quantize.manifest import Manifest, image_input_rule
 from lowbit.quantize.qdq import (ActQuant, ConvRef, activation_groups, conv_groups, conv_layers, conv_weights,
-                                 image_convs, insert_activation_qdq, load_graph, uniform_layers, write_qdq)
+                                 image_convs, insert_activation_qdq, load_graph, quantize_node_name, uniform_layers,
+                                 write_qdq)
 from lowbit.targets import DEFAULT_TARGET
 
 # Where activation Q/DQ pairs go: in front of each quantized conv (TensorRT's placement), or once on each tensor
@@ -58,6 +59,14 @@ class ActivationCalibration(BaseModel):
     # targets that quantize in front of each conv (tensorrt, onnxruntime-cpu)
     keep_worst: int = Field(0, ge=0)
     keep_worst_images: int = Field(32, ge=1)
+    # Errors that compound through a network's layers (a channel-shuffle backbone re-reading quantized channels
+    # block after block) show in no measurement of one tensor alone. So the whole quantized graph is checked
+    # against the float graph (head maps, HeadMaps) and, while its error exceeds `compound_floor`, the activation
+    # quantizer (a conv's input, or a group of tensors quantized where produced) whose removal alone takes at least
+    # `compound_share` of that error away stays float, and is named
+    compounding: bool = True
+    compound_floor: float = Field(0.01, ge=0)
+    compound_share: float = Field(0.3, gt=0, le=1)
 
 
 @dataclass
@@ -250,11 +259,14 @@ class QdqOnnxInfo(BaseModel):
     activations_kept_float: dict[str, float] = Field(default_factory=dict)
     # of those, the ones ActivationCalibration.keep_worst chose: the head maps' relative error each causes alone
     activations_kept_float_by_output: dict[str, float] = Field(default_factory=dict)
+    # and the quantizers (a conv's input, or tensors joined by "+") the compounding check kept float, in the order
+    # it took them: the head maps' error once each was
+    activations_kept_float_by_compounding: dict[str, float] = Field(default_factory=dict)
     deployable: bool  # every quantized layer runs in low precision on the target (lowbit.targets)
     deploy_note: str
     size_mb: float
     rounding: str  # how the stored weights were rounded (lowbit.quantize.manifest.Rounding)
-    # the head maps' relative squared error against the float graph on 8 calibration images (head_map_error)
+    # the head maps' relative squared error against the float graph on 8 calibration images (HeadMaps), as written
     head_error: float | None = None
     parity_max_abs: float | None = None  # against the fake-quant model on ONNX Runtime (`lowbit export --parity`)
     parity_mean_abs: float | None = None
@@ -299,6 +311,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
     rounds with the float model's inputs). Returns what was written."""
     cal = calibration or ActivationCalibration()
     layers = conv_layers(model) if layers is None else layers
+    float_model = copy.deepcopy(model) if images is not None and len(images) else None  # to check the result on
     missing = [n for n in manifest.layers if n not in layers]
     if missing:
         raise LowbitError(f"manifest {manifest.name!r} names layer {missing[0]!r}, which no Conv of this graph is "
@@ -363,6 +376,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
 
     chosen: dict[str, ActQuant] = {}
     kept_float: dict[str, float] = {}  # layer -> the share of its input's signal INT8 would have lost
+    signal_loss: dict[str, float] = {}  # the same, for every conv input or tensor group calibrated
     if cal.keep_worst and placement != "consumer":
         raise LowbitError("keep_worst measures each conv's quantized input alone, which a target that quantizes "
                           "where activations are produced (openvino-cpu, openvino-amx) does not write")
@@ -375,7 +389,7 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
                 continue
             st, w = stats[layers[layer].input], weight_of(layer)[0]
             q = choose_range(st, dtype, cal, w)
-            err = relative_error(st, q, w)
+            err = signal_loss[layer] = relative_error(st, q, w)
             if err > cal.max_error or layer in worst:
                 kept_float[layer] = err
             else:
@@ -385,10 +399,10 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
         w, amax = weight_of(layer)
         return w, amax, chosen.get(layer)
 
-    plans = []
+    plans = []  # (tensors quantized where produced, the convs they serve, the quantizer they share)
     for src, served in groups:
         if not stats:
-            plans.append((src, from_amax(served, act_dtype)))
+            plans.append((src, served, from_amax(served, act_dtype)))
             continue
         direct = len(src) == 1 and all(layers[n].input == src[0] for n in served)
         merged = stats[src[0]] if direct else InputStats.merged([stats[t] for t in src])
@@ -396,26 +410,77 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
         # each conv reading the tensor itself weighs its channels by its own weights; through a Concat or Split
         # the channels no longer line up with a conv's, so they count alike
         err = max(relative_error(merged, q, graph_w[n] if direct else None) for n in served)
+        signal_loss["+".join(src)] = err
         if err > cal.max_error:
             kept_float.update(dict.fromkeys(served, err))
         else:
-            plans.append((src, q))
-    if kept_float:
-        manifest = manifest.model_copy(update={"layers": {
-            n: f if n not in kept_float else Format(name=f"{f.name}-act-float", weight=f.weight)
+            plans.append((src, served, q))
+    # the activation quantizers the compounding check may take away: a conv's input, or a group of tensors
+    units = ({n: [n] for n in chosen} if placement == "consumer"
+             else {"+".join(src): list(served) for src, served, _ in plans})
+
+    def write(m, dropped) -> tuple[Manifest, dict[str, int], int]:
+        refs = layers if m is model else conv_layers(m)
+        off = set(kept_float) | {n for u in dropped for n in units[u]}
+        man = manifest if not off else manifest.model_copy(update={"layers": {
+            n: f if n not in off else Format(name=f"{f.name}-act-float", weight=f.weight)
             for n, f in manifest.layers.items()}})
-    counts, n_act = write_qdq(model, manifest, source, layers, activations=placement == "consumer")
-    if plans:
-        quantized = {n for n, f in manifest.layers.items() if f.act is not None}
-        keep_float = {id(ref.node) for name, ref in layers.items() if name not in quantized}
-        for src, q in plans:
-            for t in src:
-                insert_activation_qdq(model, t, q, keep_float)
-            n_act += len(src)
+        counts, n_act = write_qdq(m, man, source, refs, activations=placement == "consumer")
+        quantized = {n for n, f in man.layers.items() if f.act is not None}
+        keep_float = {id(ref.node) for name, ref in refs.items() if name not in quantized}
+        for src, _, q in plans:
+            if "+".join(src) not in dropped:
+                for t in src:
+                    insert_activation_qdq(m, t, q, keep_float)
+                n_act += len(src)
+        return man, counts, n_act
+
+    # the QuantizeLinear nodes write() names for each quantizer (lowbit.quantize.qdq)
+    unit_of = ({quantize_node_name(layer=n): n for n in units} if placement == "consumer" else
+               {quantize_node_name(t): "+".join(src) for src, _, _ in plans for t in src})
+    head_error, compounding = None, {}
+    if float_model is not None:
+        head_error, compounding = _compounding_check(float_model, write, units, unit_of, images, card, cal, progress)
+        kept_float.update({n: signal_loss.get(u, 0.0) for u in compounding for n in units[u]})
+    manifest, counts, n_act = write(model, compounding)
     encodings = sorted({"fp8" if manifest.layers[n].act.dtype == "fp8" else act_dtype
-                        for n in act_layers if n not in kept_float})
+                        for n in act_layers if manifest.layers[n].act is not None})
     return {"weight_dtypes": counts, "activation_qdq": n_act, "activation_dtype": "+".join(encodings) or None,
-            "activations_kept_float": kept_float, "activations_kept_float_by_output": worst, "manifest": manifest}
+            "activations_kept_float": kept_float, "activations_kept_float_by_output": worst,
+            "activations_kept_float_by_compounding": compounding, "head_error": head_error, "manifest": manifest}
+
+
+# more quantizers kept float than this says the format does not suit the graph, which the user should hear
+MAX_COMPOUNDING = 8
+
+
+def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of: dict[str, str], images, card,
+                       cal: ActivationCalibration, progress: bool) -> tuple[float, dict[str, float]]:
+    """(the head maps' error of the graph as it will be written, {quantizer kept float: the error once it was}):
+    ActivationCalibration.compound_floor / compound_share, greedily, one quantizer at a time. `write(graph, off)`
+    writes the quantized graph onto a float one; `unit_of`: its QuantizeLinear names -> quantizer."""
+    from lowbit.progress import track
+
+    maps = HeadMaps(float_model, images, card)
+    m = copy.deepcopy(float_model)
+    write(m, {})
+    if not cal.compounding or not units:
+        return maps.error(m, own=True), {}
+    switches = Switches(m, unit_of)
+    error = maps.session(m, own=True)
+    off: dict[str, float] = {}
+    err = error(switches.feeds(off))
+    while err > cal.compound_floor and len(off) < MAX_COMPOUNDING:
+        todo = [u for u in units if u not in off]
+        if not todo:
+            break
+        trial = {u: error(switches.feeds({*off, u})) for u in track(
+            todo, f"checking errors that compound (head maps {err:.3g})", enabled=progress)}
+        best = min(trial, key=trial.get)
+        if err - trial[best] < cal.compound_share * err:
+            break
+        off[best] = err = trial[best]
+    return err, off
 
 
 def weight_amax(w: np.ndarray, fmt: Format, weight_range: str = "full") -> np.ndarray:
@@ -445,40 +510,94 @@ def quantize_onnx(src: str | Path, manifest, out: str | Path, images: np.ndarray
     written only when it is whole. `card`: how the graph is fed (inputs beside the image)."""
     tgt = targets.get_target(target)
     model = load_graph(src) if isinstance(src, (str, Path)) else copy.deepcopy(src)
-    float_model = copy.deepcopy(model) if images is not None and len(images) else None  # for the head-map error
     layers = conv_layers(model)
     done = quantize_graph(model, manifest, images, tgt.act_dtype, calibration, layers=layers, placement=tgt.placement,
                           progress=progress, card=card)
     info, _ = write_graph(model, out, done, layers, target, manifest, "onnx", calibration=calibration,
                           calibration_images=0 if images is None else len(images))
-    if float_model is not None:
-        info.head_error = head_map_error(float_model, model, images, card)
     return info
 
 
-def head_map_error(float_model, quantized, images: np.ndarray, card=None, n: int = 8) -> float:
-    """How far the quantized graph's raw head maps (the outputs of the last convs) are from the float graph's on
-    the first `n` calibration images: squared error over squared value, averaged over maps and images. A graph
+class HeadMaps:
+    """The float graph's raw head maps (the outputs of the last convs) on the first `n` calibration images, and how
+    far a quantized graph's are from them: squared error over squared value, averaged over maps and images. A graph
     that loses a detector's outputs (errors compounding through its layers) shows here before any evaluation."""
-    import onnx
-    import onnxruntime as ort
 
-    # imported here: lowbit.sensitivity is built on this module
-    from lowbit.sensitivity.onnx_node import head_error, head_outputs, scored_weights
+    def __init__(self, float_model, images: np.ndarray, card=None, n: int = 8):
+        # imported here: lowbit.sensitivity is built on this module
+        from lowbit.sensitivity.onnx_node import head_outputs, scored_weights
 
-    heads = head_outputs(float_model, scored_weights(float_model))
+        self.heads = head_outputs(float_model, scored_weights(float_model))
+        sess = self._session(float_model)
+        self.feeds = [feed(sess, x[None].astype(np.float32), card) for x in images[:n]]
+        self.reference = [sess.run(self.heads, f) for f in self.feeds]
 
-    def run(m) -> list[list[np.ndarray]]:
-        m = copy.deepcopy(m)
+    def _session(self, m, own: bool = False):
+        import onnx
+        import onnxruntime as ort
+
+        m = m if own else copy.deepcopy(m)
         del m.graph.output[:]
-        m.graph.output.extend([onnx.ValueInfoProto(name=t) for t in heads])
+        m.graph.output.extend([onnx.ValueInfoProto(name=t) for t in self.heads])
         opts = quiet_session_options()
         # basic optimization keeps Q/DQ pairs as they are written: ONNX Runtime's CPU fusion has no FP8 kernels
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return [sess.run(heads, feed(sess, x[None].astype(np.float32), card)) for x in images[:n]]
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    return head_error(run(float_model), run(quantized))
+    def error(self, quantized, own: bool = False, switches=None) -> float:
+        """`own`: the graph is the caller's to spend (its outputs are replaced), saving a copy."""
+        return self.session(quantized, own)(switches or {})
+
+    def session(self, quantized, own: bool = False):
+        """A function of extra inputs (e.g. Switches.feeds) -> this graph's error."""
+        from lowbit.sensitivity.onnx_node import head_error
+
+        sess = self._session(quantized, own)
+        return lambda extra: head_error(self.reference, [sess.run(self.heads, {**f, **extra}) for f in self.feeds])
+
+
+class Switches:
+    """A written graph with each activation quantizer (a group of Q/DQ pairs) behind a switch: a scalar bool input
+    that, true, makes its consumers read the float tensor instead. One graph and one session try every subset, where
+    rewriting the graph for each would cost more than running it."""
+
+    def __init__(self, model, unit_of: dict[str, str]):
+        """`unit_of`: QuantizeLinear node name -> the quantizer it belongs to; the graph is changed in place."""
+        from onnx import TensorProto, helper
+
+        graph = model.graph
+        self.inputs: dict[str, str] = {}
+        readers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        added = []
+        for q in list(graph.node):
+            unit = unit_of.get(q.name) if q.op_type == "QuantizeLinear" else None
+            if unit is None:
+                continue
+            if unit not in self.inputs:
+                self.inputs[unit] = f"lowbit.switch.{len(self.inputs)}"
+                graph.input.append(helper.make_tensor_value_info(self.inputs[unit], TensorProto.BOOL, []))
+            for dq in readers.get(q.output[0], []):
+                y = dq.output[0]
+                out = f"{y}.switched"
+                for c in readers.get(y, []):
+                    for k, i in enumerate(c.input):
+                        if i == y:
+                            c.input[k] = out
+                added.append((dq, helper.make_node("Where", [self.inputs[unit], q.input[0], y], [out],
+                                                   name=f"{dq.name}/switch")))
+        for dq, w in added:  # right after its DequantizeLinear: topological order holds
+            graph.node.insert(list(graph.node).index(dq) + 1, w)
+
+    def feeds(self, off) -> dict[str, np.ndarray]:
+        return {name: np.asarray(unit in off) for unit, name in self.inputs.items()}
+
+
+def head_map_error(float_model, quantized, images: np.ndarray, card=None, n: int = 8) -> float:
+    """HeadMaps(...).error(quantized), once."""
+    return HeadMaps(float_model, images, card, n).error(quantized)
 
 
 def write_graph(model, out: str | Path, done: dict, layers: dict, target: str, manifest, source: str,

@@ -251,7 +251,8 @@ def write_qdq(model, manifest, source, layers: dict[str, ConvRef] | None = None,
             sname, zname = f"{layer}.input_scale", f"{layer}.input_zp"
             graph.initializer.extend([_tensor(sname, np.asarray(act.scale, np.float32)), _zero_point(act, zname)])
             x = conv.input[0]
-            pre += [helper.make_node("QuantizeLinear", [x, sname, zname], [f"{layer}.input_q"], name=f"{layer}/input_Q"),
+            pre += [helper.make_node("QuantizeLinear", [x, sname, zname], [f"{layer}.input_q"],
+                                     name=quantize_node_name(layer=layer)),
                     helper.make_node("DequantizeLinear", [f"{layer}.input_q", sname, zname], [f"{layer}.input_dq"],
                                      name=f"{layer}/input_DQ")]
             conv.input[0] = f"{layer}.input_dq"
@@ -341,6 +342,12 @@ def activation_groups(model, layers: dict[str, ConvRef], quantized: list[str]) -
     return list(groups.values())
 
 
+def quantize_node_name(tensor: str | None = None, layer: str | None = None) -> str:
+    """The QuantizeLinear node lowbit writes for an activation: on a produced `tensor` (insert_activation_qdq), or
+    in front of a conv `layer` (write_qdq)."""
+    return f"{layer}/input_Q" if layer is not None else f"{tensor.strip('/').replace('/', '.')}/act_Q"
+
+
 def insert_activation_qdq(model, tensor: str, act: ActQuant, keep_float: set[int] = frozenset()) -> None:
     """A Q/DQ pair right after `tensor`; every consumer of it reads the dequantized tensor, except the nodes whose
     id() is in `keep_float` (convs a manifest keeps in float) and graph outputs."""
@@ -356,7 +363,7 @@ def insert_activation_qdq(model, tensor: str, act: ActQuant, keep_float: set[int
         for i, x in enumerate(n.input):
             if x == tensor:
                 n.input[i] = dq
-    nodes = [helper.make_node("QuantizeLinear", [tensor, sname, zname], [q], name=f"{base}/act_Q"),
+    nodes = [helper.make_node("QuantizeLinear", [tensor, sname, zname], [q], name=quantize_node_name(tensor)),
              helper.make_node("DequantizeLinear", [q, sname, zname], [dq], name=f"{base}/act_DQ")]
     producer = next((k for k, n in enumerate(graph.node) if tensor in n.output), -1)
     for k, n in enumerate(nodes):
