@@ -34,6 +34,9 @@ ACT_RANGE = typer.Option("mse", "--act-range", help="range of INT8 activations o
 KEEP_FLOAT = typer.Option(0, "--keep-float", help="also keep float the inputs of the K convs whose quantized input "
                           "most changes the detector's outputs, each measured alone on calibration images (targets "
                           "that quantize in front of each conv: tensorrt, onnxruntime-cpu)")
+COMPOUNDING = typer.Option(True, "--compounding/--no-compounding", help="check the whole quantized graph against "
+                           "the float one and keep float, one at a time, the activation quantizers whose errors "
+                           "compound through it (each taking a good share of the head maps' error away)")
 # old spellings, kept hidden for one release
 OLD_ACT_RANGE = typer.Option(None, "--method", hidden=True)
 CALIB_SEED = typer.Option(0, "--calib-seed", help="which random subset of the calibration images --calib-images "
@@ -291,7 +294,7 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
            target: str = TARGET,
            calib: Optional[str] = typer.Option(None, help="images to calibrate activation ranges on the exported graph "
                                                "(default: the checkpoint's ModelOpt ranges)"),
-           act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT,
+           act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT, compounding: bool = COMPOUNDING,
            calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
            calib_seed: int = CALIB_SEED,
            parity: Optional[str] = typer.Option(None, help="images to compare ONNX Runtime with PyTorch on"),
@@ -303,7 +306,8 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
 
     info = run_export(ExportConfig(checkpoint=str(checkpoint), onnx=str(onnx_out) if onnx_out else None,
                                    target=target, calib=_data(calib, None, calib_images or None, calib_seed) if calib else None,
-                                   calibration=ActivationCalibration(method=act_range, keep_worst=keep_float),
+                                   calibration=ActivationCalibration(method=act_range, keep_worst=keep_float,
+                                                                     compounding=compounding),
                                    parity=_data(parity, None, parity_images, 0) if parity else None), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: weights {info.weight_dtypes}, "
                   f"{info.activation_qdq} activation Q/DQ pairs")
@@ -374,7 +378,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
                   calib: Optional[str] = typer.Option(None, help="calibration images, for activation formats"),
                   calib_images: int = typer.Option(256, help="calibration subset size, 0 for all"),
                   calib_seed: int = CALIB_SEED,
-                  act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT, old_act_range: Optional[str] = OLD_ACT_RANGE,
+                  act_range: str = ACT_RANGE, keep_float: int = KEEP_FLOAT, compounding: bool = COMPOUNDING,
+                  old_act_range: Optional[str] = OLD_ACT_RANGE,
                   rounding: Optional[str] = typer.Option(None, help="weight rounding of --format on the graph: gptq "
                                                          "(on the calibration images' conv inputs, collected with ONNX "
                                                          "Runtime) or nearest; default: gptq with --calib, else "
@@ -392,7 +397,8 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
         model=str(model), onnx=str(onnx_out) if onnx_out else None, formats=formats,
         manifest=str(manifest[0]) if manifest else None, target=target,
         calib=_data(calib, None, calib_images or None, calib_seed) if calib else None, imgsz=imgsz,
-        calibration=ActivationCalibration(method=old_act_range or act_range, keep_worst=keep_float),
+        calibration=ActivationCalibration(method=old_act_range or act_range, keep_worst=keep_float,
+                                          compounding=compounding),
         preprocess=preprocess,
         rounding=rounding), out)
     console.print(f"wrote {info.path} ({info.size_mb:.2f} MB) for {info.target}: {info.layers_quantized} convs, weights "
@@ -404,15 +410,12 @@ def quantize_onnx(model: Path = typer.Argument(..., help="a float .onnx detector
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
 
 
-# Artifacts measured so far (docs/results.md, section 7): those within about a point of float showed head-map errors
-# up to 0.025, the two that lost 6 or more points 0.085 and 0.145
-HEAD_ERROR_WARN = 0.05
-
-
 def _head_error(err: float | None) -> None:
     if err is None:
         return
-    if err > HEAD_ERROR_WARN:
+    from lowbit.quantize.onnx_ptq import COLLAPSED
+
+    if err > COLLAPSED:
         console.print(f"[bold red]warning:[/bold red] the quantized graph's head maps are {err:.2f} (relative squared "
                       "error) from the float graph's on calibration images: its accuracy may have collapsed; score it "
                       "with `lowbit eval` before deploying (another --target, or --keep-float, may help)")

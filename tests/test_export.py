@@ -628,6 +628,9 @@ def test_compounding_check_keeps_float_what_only_the_outputs_show(tmp_path):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in unit.split("+") for n in g.node)
     (layer, loss), = on.activations_kept_float.items()  # the conv the Concat feeds reads it float, and says so
     assert layer == "head" and loss < 0.02
+    # past the error that says the outputs collapsed, the best removal is taken whatever share it takes away
+    collapsed = quantize_onnx(src, m, tmp_path / "c.onnx", images, "openvino-cpu", ActivationCalibration(compound_share=1))
+    assert collapsed.activations_kept_float_by_compounding == on.activations_kept_float_by_compounding
     # the error reported is the written graph's, on the same 8 images
     assert head_map_error(float_model, onnx.load(on.path), images) == pytest.approx(on.head_error, rel=1e-4)
     # consumer placement, every quantizer the check takes: the written graph is what the switches computed
