@@ -63,8 +63,8 @@ class ActivationCalibration(BaseModel):
     # block after block) show in no measurement of one tensor alone. So the whole quantized graph is checked
     # against the float graph (head maps, HeadMaps) and, while its error exceeds `compound_floor`, the activation
     # quantizer (a conv's input, or a group of tensors quantized where produced) whose removal takes the most error
-    # away stays float, and is named: if it takes at least `compound_share` of it away, or whatever it takes while
-    # the error says the outputs collapsed (COLLAPSED), where several quantizers compound and none dominates alone
+    # away stays float, and is named: if it takes at least `compound_share` of it away, or, while the error says the
+    # outputs collapsed (COLLAPSED), where several quantizers compound and none dominates alone, MIN_CUT of it
     compounding: bool = True
     compound_floor: float = Field(0.01, ge=0)
     compound_share: float = Field(0.15, gt=0, le=1)
@@ -453,6 +453,10 @@ def quantize_graph(model, manifest, images: np.ndarray | None, act_dtype: str = 
 
 # more quantizers kept float than this says the format does not suit the graph, which the user should hear
 MAX_COMPOUNDING = 8
+SCREEN_IMAGES, SHORTLIST = 2, 4
+# past a collapse a removal is taken if it takes this share of the error away: where a format loses everywhere
+# (no few quantizers to blame), trading speed for each small gain would not end
+MIN_CUT = 0.05
 # Head-map errors (HeadMaps) of artifacts measured so far (docs/results.md, section 7): those within about a point
 # of float up to 0.025, those that lost 6 or more points 0.085 and 0.145
 COLLAPSED = 0.05
@@ -478,10 +482,14 @@ def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of:
         todo = [u for u in units if u not in off]
         if not todo:
             break
-        trial = {u: error(switches.feeds({*off, u})) for u in track(
+        # every quantizer is tried on a couple of images, the most promising few on all: trying each on all
+        # costs minutes on graphs whose Q/DQ ONNX Runtime runs slowly (FP8)
+        tried = {u: error(switches.feeds({*off, u}), SCREEN_IMAGES) for u in track(
             todo, f"checking errors that compound (head maps {err:.3g})", enabled=progress)}
+        trial = {u: error(switches.feeds({*off, u})) for u in sorted(tried, key=tried.get)[:SHORTLIST]}
         best = min(trial, key=trial.get)
-        if err - trial[best] < cal.compound_share * err and err <= COLLAPSED:
+        cut = err - trial[best]
+        if not (cut >= cal.compound_share * err or err > COLLAPSED and cut >= MIN_CUT * err):
             break
         off[best] = err = trial[best]
     return err, off
@@ -553,11 +561,13 @@ class HeadMaps:
         return self.session(quantized, own)(switches or {})
 
     def session(self, quantized, own: bool = False):
-        """A function of extra inputs (e.g. Switches.feeds) -> this graph's error."""
+        """A function of (extra inputs, e.g. Switches.feeds; how many of the images, default all) -> this graph's
+        error."""
         from lowbit.sensitivity.onnx_node import head_error
 
         sess = self._session(quantized, own)
-        return lambda extra: head_error(self.reference, [sess.run(self.heads, {**f, **extra}) for f in self.feeds])
+        return lambda extra, n=None: head_error(self.reference[:n], [sess.run(self.heads, {**f, **extra})
+                                                                     for f in self.feeds[:n]])
 
 
 class Switches:
