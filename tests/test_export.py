@@ -608,8 +608,9 @@ class _SharedRangeNet(torch.nn.Module):
 
 def test_compounding_check_keeps_float_what_only_the_outputs_show(tmp_path):
     """The whole quantized graph against the float one: a quantizer that ruins the head maps while losing almost
-    none of its own tensor's signal is found, kept float and named; without the check the graph is ruined. The
-    switches the check tries quantizers with compute what the written graph does."""
+    none of its own tensor's signal is found, kept float and named; without the check the graph is ruined; a graph
+    that did not collapse is left as it is. The switches the check tries quantizers with compute what the written
+    graph does."""
     from lowbit.quantize.onnx_ptq import ActivationCalibration, head_map_error, quantize_onnx, uniform_manifest
     from lowbit.quantize.qdq import load_graph
 
@@ -634,9 +635,10 @@ def test_compounding_check_keeps_float_what_only_the_outputs_show(tmp_path):
     # the error reported is the written graph's, on the same 8 images
     assert head_map_error(float_model, onnx.load(on.path), images) == pytest.approx(on.head_error, rel=1e-4)
     # consumer placement, every quantizer the check takes: the written graph is what the switches computed
-    cal = ActivationCalibration(compound_floor=0.0, compound_share=1e-9)
+    assert not quantize_onnx(src, m, tmp_path / "t.onnx", images, "tensorrt").activations_kept_float_by_compounding
+    cal = ActivationCalibration(compound_above=0.0, compound_floor=0.0, compound_share=1e-9)
     trt = quantize_onnx(src, m, tmp_path / "trt.onnx", images, "tensorrt", cal)
-    assert trt.activations_kept_float_by_compounding
+    assert trt.activations_kept_float_by_compounding  # a graph under the collapse is checked only when asked
     g = onnx.load(trt.path).graph
     assert not any(n.name == f"{layer}/input_Q" for layer in trt.activations_kept_float_by_compounding for n in g.node)
     assert head_map_error(float_model, onnx.load(trt.path), images) == pytest.approx(trt.head_error, rel=1e-4)

@@ -40,6 +40,11 @@ Placement = Literal["consumer", "producer"]
 RangeMethod = Literal["max", "mean-minmax", "percentile", "mse"]
 
 
+# Head-map errors (HeadMaps) of artifacts measured so far (docs/results.md, section 7): those within about a point
+# of float up to 0.025, those that lost 6 or more points 0.085 and 0.145; lowbit warns past this one
+COLLAPSED = 0.05
+
+
 class ActivationCalibration(BaseModel):
     """How each quantized activation's range is chosen."""
 
@@ -61,11 +66,14 @@ class ActivationCalibration(BaseModel):
     keep_worst_images: int = Field(32, ge=1)
     # Errors that compound through a network's layers (a channel-shuffle backbone re-reading quantized channels
     # block after block) show in no measurement of one tensor alone. So the whole quantized graph is checked
-    # against the float graph (head maps, HeadMaps) and, while its error exceeds `compound_floor`, the activation
-    # quantizer (a conv's input, or a group of tensors quantized where produced) whose removal takes the most error
-    # away stays float, and is named: if it takes at least `compound_share` of it away, or, while the error says the
-    # outputs collapsed (COLLAPSED), where several quantizers compound and none dominates alone, MIN_CUT of it
+    # against the float graph (head maps, HeadMaps); if its error exceeds `compound_above` (the outputs collapsed),
+    # then while it exceeds `compound_floor`, the activation quantizer (a conv's input, or a group of tensors
+    # quantized where produced) whose removal takes the most error away stays float, and is named: if it takes at
+    # least `compound_share` of it away, or, still past `compound_above`, where several quantizers compound and none
+    # dominates alone, MIN_CUT of it. Below a collapse no gain in accuracy was measured (docs/results.md, section 13),
+    # so a graph that starts there is left as it is
     compounding: bool = True
+    compound_above: float = Field(COLLAPSED, ge=0)
     compound_floor: float = Field(0.01, ge=0)
     compound_share: float = Field(0.15, gt=0, le=1)
 
@@ -457,9 +465,6 @@ SCREEN_IMAGES, SHORTLIST = 2, 4
 # past a collapse a removal is taken if it takes this share of the error away: where a format loses everywhere
 # (no few quantizers to blame), trading speed for each small gain would not end
 MIN_CUT = 0.05
-# Head-map errors (HeadMaps) of artifacts measured so far (docs/results.md, section 7): those within about a point
-# of float up to 0.025, those that lost 6 or more points 0.085 and 0.145
-COLLAPSED = 0.05
 
 
 def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of: dict[str, str], images, card,
@@ -478,7 +483,8 @@ def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of:
     error = maps.session(m, own=True)
     off: dict[str, float] = {}
     err = error(switches.feeds(off))
-    while err > cal.compound_floor and len(off) < MAX_COMPOUNDING:
+    start = err
+    while start > cal.compound_above and err > cal.compound_floor and len(off) < MAX_COMPOUNDING:
         todo = [u for u in units if u not in off]
         if not todo:
             break
@@ -489,7 +495,7 @@ def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of:
         trial = {u: error(switches.feeds({*off, u})) for u in sorted(tried, key=tried.get)[:SHORTLIST]}
         best = min(trial, key=trial.get)
         cut = err - trial[best]
-        if not (cut >= cal.compound_share * err or err > COLLAPSED and cut >= MIN_CUT * err):
+        if not (cut >= cal.compound_share * err or err > cal.compound_above and cut >= MIN_CUT * err):
             break
         off[best] = err = trial[best]
     return err, off
