@@ -313,7 +313,6 @@ def export(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="lowb
                   f"{info.activation_qdq} activation Q/DQ pairs")
     _kept_float(info)
     _head_error(info.head_error)
-    _head_error(info.head_error)
     console.print(("[green]deployable:[/green] " if info.deployable else "[yellow]not deployable:[/yellow] ") + info.deploy_note)
     if info.parity_max_abs is not None:
         console.print(f"parity vs PyTorch fake quant: max |Δ| {info.parity_max_abs:.3g}, mean |Δ| {info.parity_mean_abs:.3g}")

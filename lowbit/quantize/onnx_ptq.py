@@ -483,8 +483,9 @@ def _compounding_check(float_model, write, units: dict[str, list[str]], unit_of:
     error = maps.session(m, own=True)
     off: dict[str, float] = {}
     err = error(switches.feeds(off))
-    start = err
-    while start > cal.compound_above and err > cal.compound_floor and len(off) < MAX_COMPOUNDING:
+    if err <= cal.compound_above:  # not collapsed: left as it is
+        return err, off
+    while err > cal.compound_floor and len(off) < MAX_COMPOUNDING:
         todo = [u for u in units if u not in off]
         if not todo:
             break
@@ -562,9 +563,9 @@ class HeadMaps:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    def error(self, quantized, own: bool = False, switches=None) -> float:
+    def error(self, quantized, own: bool = False) -> float:
         """`own`: the graph is the caller's to spend (its outputs are replaced), saving a copy."""
-        return self.session(quantized, own)(switches or {})
+        return self.session(quantized, own)({})
 
     def session(self, quantized, own: bool = False):
         """A function of (extra inputs, e.g. Switches.feeds; how many of the images, default all) -> this graph's
